@@ -1,0 +1,1 @@
+"""InstaFlow in JAX/Flax: rectified flow, reflow, one-step distillation, sampling, conversion."""

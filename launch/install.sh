@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates ./.venv with everything the project, its tests and its benchmarks need.
+# Safe to re-run: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch and torchvision first, as a matched pair: other versions pull multi-GB CUDA builds,
+# and a torchvision that does not match torch breaks `import transformers`.
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q -e '.[test]'

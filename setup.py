@@ -1,0 +1,44 @@
+"""instaflow_jax: the InstaFlow training recipe and one-step sampler in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# PyTorch is a test/conversion dependency only; install torch==2.14.1 torchvision==0.29.1
+# first (see README), so that these extras do not pull another torch build.
+TEST_REQUIRES = [
+    'torch',
+    'torchvision',
+    'diffusers>=0.35',
+    'lpips',
+    'pytorch-fid',
+    'nbclient',
+    'ipykernel',
+    'nbformat',
+    'pytest',
+]
+
+setup(
+    name='instaflow_jax',
+    version='0.1.0',
+    description='InstaFlow (one-step text-to-image with rectified flow) in JAX/Flax: '
+                'training recipe, sampling, evaluation, conversion.',
+    packages=find_packages(include=['instaflow_jax', 'instaflow_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.7',
+        'flax>=0.10',
+        'optax',
+        'orbax-checkpoint',
+        'transformers>=4.40',
+        'safetensors',
+        'tensorflow-cpu',
+        'tensorboard',
+        'tensorflow-datasets',
+        'clu',
+        'ml-collections',
+        'diffrax',
+        'numpy',
+        'pillow',
+        'matplotlib',
+        'absl-py',
+    ],
+    extras_require={'test': TEST_REQUIRES},
+)
