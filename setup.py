@@ -39,6 +39,7 @@ setup(
         'pillow',
         'matplotlib',
         'absl-py',
+        'importlib_resources',  # tensorflow-datasets needs it to prepare datasets, but does not declare it
     ],
     extras_require={'test': TEST_REQUIRES},
 )

@@ -103,13 +103,14 @@ def activation(name: str):
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
-                          is_causal: bool = False) -> jax.Array:
+                          is_causal: bool = False, mask: Optional[jax.Array] = None) -> jax.Array:
   """Multi-head attention on [batch, length, heads, head_dim] tensors.
 
   Goes through jax.nn.dot_product_attention so that the fused cuDNN kernel is used on
-  GPU; the softmax is computed in float32 whatever the input dtype.
+  GPU; the softmax is computed in float32 whatever the input dtype. `mask` (boolean,
+  broadcastable to [batch, heads, q_length, kv_length]) marks the keys that may be seen.
   """
-  return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal)
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,1 @@
+"""Data: the embedded captioned-shapes dataset, a word tokenizer for it, and the input pipeline."""

@@ -1,0 +1,232 @@
+"""An exactly resumable image-text input pipeline over a random-access tfds source.
+
+Any tfds dataset with an image and a caption feature works the same way (the embedded
+captioned shapes, coco_captions, a user's own builder), once prepared as array_record:
+
+    config = InputConfig(name='captioned_shapes/size32', label_keys=('shape_1', 'colour_1'))
+    data = create_input(config, tokenizer, global_batch_size=64, seed=0,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    for batch in data.batches(start_step):   # {'image', 'input_ids', 'shape_1', 'colour_1'}
+      ...
+
+Sample j of the global batch at step k is position p = k * global_batch_size + j of an
+endless stream that visits every example once per epoch, epoch e in the order of a
+permutation seeded by (seed, e). So a batch is a pure function of (seed, k): resuming at
+step k continues exactly, and process i of n takes the i-th of n equal slices of every
+global batch, which stays the same whatever n. Where a caption feature holds several
+captions, one is chosen by a key seeded by (seed, epoch, example index).
+Caption dropout (for classifier-free guidance) is the trainer's business, not done here.
+"""
+import dataclasses
+import functools
+import queue
+import threading
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from instaflow_jax.data import shapes  # noqa: F401  (registers 'captioned_shapes' with tfds)
+
+Batch = Dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """Which tfds dataset and features to read, and the image size to produce."""
+  name: str                       # tfds name, with an optional config: 'captioned_shapes/size16'
+  split: str = 'train'
+  image_key: str = 'image'        # feature paths; '/' goes into nested features
+  caption_key: str = 'caption'    # a Text feature, or a sequence of them ('captions/text')
+  image_size: int = 32
+  label_keys: Tuple[str, ...] = ()  # integer features to pass through, e.g. class labels
+  data_dir: Optional[str] = None
+  builder_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def open_source(config: InputConfig):
+  """The tfds random-access source of `config.split`, preparing it (as array_record) if needed."""
+  try:
+    builder = tfds.builder(config.name, data_dir=config.data_dir, file_format='array_record',
+                           **config.builder_kwargs)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    first_line = str(error).strip().splitlines()[0]
+    raise ValueError(f"tfds dataset '{config.name}' not found; is its builder imported and its "
+                     f'name spelled right? ({first_line})') from None
+  check_features(builder.info, (config.image_key, config.caption_key) + tuple(config.label_keys))
+  builder.download_and_prepare(file_format='array_record')
+  return builder.as_data_source(split=config.split)
+
+
+def _feature_paths(feature, prefix: str = '') -> list:
+  """Every '/'-joined path to a leaf feature."""
+  if isinstance(feature, tfds.features.Sequence):
+    return _feature_paths(feature.feature, prefix)
+  if isinstance(feature, tfds.features.FeaturesDict):
+    return [path for key in feature.keys()
+            for path in _feature_paths(feature[key], f'{prefix}{key}/')]
+  return [prefix.rstrip('/')]
+
+
+def check_features(info, keys: Sequence[str]) -> None:
+  """Raises a ValueError naming the dataset if one of `keys` is not a feature path of it."""
+  paths = _feature_paths(info.features)
+  missing = [key for key in keys if key not in paths]
+  if missing:
+    raise ValueError(f"tfds dataset '{info.full_name}' has no feature "
+                     f"{', '.join(map(repr, missing))} (its features: {', '.join(paths)})")
+
+
+def _lookup(example: Mapping, key: str):
+  for part in key.split('/'):
+    example = example[part]
+  return example
+
+
+def _text(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def captions_of(example: Mapping, caption_key: str) -> list:
+  """Every caption of an example, whether the feature holds one or several."""
+  value = _lookup(example, caption_key)
+  if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+    return [_text(value)]
+  return [_text(v) for v in value]
+
+
+def _model_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, C] -> float32 [size, size, 3] in [-1, 1]: shorter side resized, centre crop."""
+  if image.ndim == 2 or image.shape[-1] == 1:
+    image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
+  image = image[..., :3]
+  height, width = image.shape[:2]
+  if (height, width) != (size, size):
+    scale = size / min(height, width)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = np.asarray(Image.fromarray(image).resize(resized, Image.Resampling.BICUBIC))
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    image = image[top:top + size, left:left + size]
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+class ImageTextInput:
+  """Batches {'image': float32 [b, H, W, 3], 'input_ids': int32 [b, T], labels: int32 [b]}.
+
+  `source` is any random-access sequence of examples (a tfds data source); b is this
+  process's share of `global_batch_size`. `tokenizer` is called as a CLIPTokenizer is.
+  """
+
+  def __init__(self, source, tokenizer, *, global_batch_size: int, image_size: int,
+               image_key: str = 'image', caption_key: str = 'caption',
+               label_keys: Sequence[str] = (), seed: int = 0, process_index: int = 0,
+               process_count: int = 1, prefetch: int = 2):
+    if global_batch_size % process_count:
+      raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                       f'process_count={process_count}')
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+    if len(source) == 0:
+      raise ValueError(f'input: the source {source!r} is empty')
+    info = getattr(source, 'dataset_info', None)
+    if info is not None:
+      check_features(info, (image_key, caption_key) + tuple(label_keys))
+    self.source = source
+    self.tokenizer = tokenizer
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.image_size = image_size
+    self.image_key, self.caption_key, self.label_keys = image_key, caption_key, tuple(label_keys)
+    self.seed = seed
+    self.process_index = process_index
+    self.prefetch = prefetch
+    # A batch spans at most two epochs; keep both orders.
+    self._permutation = functools.lru_cache(maxsize=2)(self._make_permutation)
+
+  def __len__(self) -> int:
+    """The number of examples in one epoch."""
+    return len(self.source)
+
+  def _make_permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+
+  def sample_ids(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(epoch, example index) of each of this process's samples at `step`."""
+    start = step * self.global_batch_size + self.process_index * self.local_batch_size
+    positions = np.arange(start, start + self.local_batch_size)
+    epochs, offsets = np.divmod(positions, len(self.source))
+    indices = np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+    return epochs, indices
+
+  def _caption(self, value, epoch: int, index: int) -> str:
+    """One of the captions, picked by the sample's key (seed, epoch, index)."""
+    if not value:
+      raise ValueError(f'input: example {index} has no caption in {self.caption_key!r}')
+    if len(value) == 1:
+      return value[0]
+    key = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
+    return value[int(key) % len(value)]
+
+  def batch(self, step: int) -> Batch:
+    """This process's part of the global batch at `step`."""
+    epochs, indices = self.sample_ids(step)
+    examples = self.source.__getitems__(indices.tolist()) if hasattr(
+        self.source, '__getitems__') else [self.source[int(i)] for i in indices]
+    captions = [self._caption(captions_of(ex, self.caption_key), int(e), int(i))
+                for ex, e, i in zip(examples, epochs, indices)]
+    batch = {
+        'image': np.stack([_model_image(np.asarray(_lookup(ex, self.image_key)), self.image_size)
+                           for ex in examples]),
+        'input_ids': np.asarray(self.tokenizer(
+            captions, padding='max_length', max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors='np').input_ids, np.int32),
+    }
+    for key in self.label_keys:
+      batch[key] = np.array([_lookup(ex, key) for ex in examples], np.int32)
+    return batch
+
+  def batches(self, start_step: int = 0) -> Iterator[Batch]:
+    """Batches of steps start_step, start_step + 1, ..., made ahead by a background thread."""
+    ready = queue.Queue(maxsize=self.prefetch)
+    stop = threading.Event()
+
+    def put(item):
+      while not stop.is_set():
+        try:
+          ready.put(item, timeout=0.1)
+          return
+        except queue.Full:
+          pass
+
+    def produce():
+      step = start_step
+      try:
+        while not stop.is_set():
+          put(self.batch(step))
+          step += 1
+      except Exception as error:  # handed to the consumer, raised there
+        put(error)
+
+    thread = threading.Thread(target=produce, daemon=True, name='input-prefetch')
+    thread.start()
+    try:
+      while True:
+        item = ready.get()
+        if isinstance(item, Exception):
+          raise item
+        yield item
+    finally:
+      stop.set()
+      thread.join()
+
+
+def create_input(config: InputConfig, tokenizer, *, global_batch_size: int, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1,
+                 prefetch: int = 2) -> ImageTextInput:
+  """The pipeline over the tfds dataset of `config` (prepared as array_record if needed)."""
+  return ImageTextInput(
+      open_source(config), tokenizer, global_batch_size=global_batch_size,
+      image_size=config.image_size, image_key=config.image_key, caption_key=config.caption_key,
+      label_keys=config.label_keys, seed=seed, process_index=process_index,
+      process_count=process_count, prefetch=prefetch)

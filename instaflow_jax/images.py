@@ -1,0 +1,35 @@
+"""Image grids and PNG files."""
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images: np.ndarray, columns: int = None, pad: int = 1) -> np.ndarray:
+  """[N, H, W, C] images in [0, 1] -> one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid."""
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  columns = columns or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / columns)
+  grid = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.float32)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  return (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
+  """Writes an [H, W, 3] image in [0, 1] atomically, optionally enlarged (nearest)."""
+  pixels = to_uint8(image)
+  if upscale > 1:
+    pixels = pixels.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp.png'
+  Image.fromarray(pixels).save(tmp)
+  os.replace(tmp, path)

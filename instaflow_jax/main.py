@@ -1,0 +1,77 @@
+r"""Runs the stages a config names, each in WORKDIR/<stage>/.
+
+  python -m instaflow_jax.main --config=configs/shapes.py --workdir=runs/shapes
+
+A stage already complete is skipped; one that was interrupted resumes from its latest
+checkpoint. Errors the user can fix end the run with one line and a non-zero exit.
+"""
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+# Libraries whose INFO messages (per-array checkpoint details, dataset reuse) drown the
+# progress lines; their warnings and errors still show.
+_CHATTY_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge')
+
+
+def _quiet_chatty_libraries(record) -> bool:
+  return record.levelno >= std_logging.WARNING or not any(
+      lib in record.pathname for lib in _CHATTY_LIBRARIES)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_chatty_libraries)
+  from instaflow_jax import stages  # after flag parsing: imports jax, tensorflow
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  try:
+    stages.run_all(_CONFIG.value, _WORKDIR.value)
+  except stages.USER_ERRORS as e:
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
+
+
+def _one_line(error: Exception) -> str:
+  """The message of an error in one line (the last line of an embedded traceback)."""
+  text = str(error).replace('\\n', '\n').replace("\\'", "'")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    lines = lines[-1:]
+  return ' '.join(' '.join(lines).split()).strip("'")
+
+
+def parse_flags(argv):
+  """absl flag parsing, with config errors (unknown field, wrong type, missing file)
+  reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {_one_line(e)}')
+  except (AttributeError, KeyError) as e:
+    field = _one_line(e).replace("'", '')
+    sys.exit(f'error: config override names an unknown field: {field}')
+  except (ValueError, TypeError, OSError) as e:
+    sys.exit(f'error: bad config: {_one_line(e)}')
+
+
+def run():
+  # Keep TensorFlow (used only by tfds/clu) quiet.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()

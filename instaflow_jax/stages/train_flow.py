@@ -1,0 +1,127 @@
+"""Stage 'rf': train a text-conditioned rectified flow v(x_s, s | text).
+
+The path is x_s = s*X1 + (1-s)*X0 with X0 ~ N(0, I) drawn independently of the data X1
+(or, for reflow, X0 given by the batch as the teacher's coupled noise), and the network
+regresses the velocity X1 - X0 at time input 1000*(1-s). The text encoder and the
+autoencoder are frozen: they run inside the step but are not part of the train state.
+A batch may carry 'latents' and 'text_embeds' already computed (cached), in which case
+the frozen networks are skipped.
+"""
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax.data import input as input_lib
+from instaflow_jax.flow import rectified_flow
+from instaflow_jax.training import checkpoint
+from instaflow_jax.training import loop
+
+
+def frozen_params(pipe: pipeline_lib.Pipeline) -> dict:
+  """What the step needs besides the trained params: frozen networks and the empty
+  prompt's embedding (the unconditional input for classifier-free guidance)."""
+  params = pipe.params
+  null_embeds = pipeline_lib.encode_text(pipe.modules, params, pipe.tokenize(['']))
+  return {'text': params['text'], 'vae': params['vae'], 'null_embeds': null_embeds}
+
+
+def model_inputs(modules: pipeline_lib.PipelineModules, frozen, batch, rng):
+  """(X1 latents, text embeddings) of a batch, computed unless cached in it."""
+  if 'latents' in batch:
+    x1 = batch['latents']
+  else:
+    x1 = pipeline_lib.encode_images(modules, frozen, batch['image'], rng)
+  if 'text_embeds' in batch:
+    embeds = batch['text_embeds']
+  else:
+    embeds = pipeline_lib.encode_text(modules, frozen, batch['input_ids'])
+  return x1, embeds
+
+
+def drop_captions(embeds: jax.Array, null_embeds: jax.Array, probability: float,
+                  rng: jax.Array) -> jax.Array:
+  """Replaces each example's text by the empty prompt with `probability` (CFG training)."""
+  drop = jax.random.bernoulli(rng, probability, (embeds.shape[0],))
+  return jnp.where(drop[:, None, None], null_embeds.astype(embeds.dtype), embeds)
+
+
+def flow_matching_loss(modules: pipeline_lib.PipelineModules, config: ml_collections.ConfigDict):
+  """loss_fn(params, frozen, batch, rng) for rectified-flow (and reflow) training."""
+  time_config = config.time
+
+  def loss_fn(params, frozen, batch, rng):
+    latent_rng, drop_rng, noise_rng, time_rng = jax.random.split(rng, 4)
+    x1, embeds = model_inputs(modules, frozen, batch, latent_rng)
+    embeds = drop_captions(embeds, frozen['null_embeds'], config.caption_dropout, drop_rng)
+    x0 = batch['x0'] if 'x0' in batch else jax.random.normal(noise_rng, x1.shape, x1.dtype)
+    s = rectified_flow.sample_time(
+        time_rng, x1.shape[0], time_config.kind, logit_mean=time_config.logit_mean,
+        logit_std=time_config.logit_std, u_shape_a=time_config.u_shape_a)
+    x_s = rectified_flow.interpolate(x0, x1, s)
+    v = modules.unet.apply({'params': params}, x_s, rectified_flow.network_time(s), embeds)
+    losses = rectified_flow.per_example_loss(v, rectified_flow.velocity_target(x0, x1),
+                                             config.loss)
+    return jnp.mean(losses), {}
+
+  return loss_fn
+
+
+def input_config(data_config: ml_collections.ConfigDict, split: str) -> input_lib.InputConfig:
+  return input_lib.InputConfig(
+      name=data_config.name, split=split, image_key=data_config.image_key,
+      caption_key=data_config.caption_key, image_size=data_config.image_size,
+      data_dir=data_config.data_dir or None)
+
+
+def sample_prompts(config: ml_collections.ConfigDict, count: int) -> list:
+  """The first `count` captions of the held-out split: fixed prompts for sample grids."""
+  source = input_lib.open_source(input_config(config.data, config.data.eval_split))
+  return [input_lib.captions_of(source[i], config.data.caption_key)[0] for i in range(count)]
+
+
+def make_sample_fn(pipe: pipeline_lib.Pipeline, prompts, train_config, seed: int) -> Callable:
+  """params -> images of the fixed prompts from fixed noise (for the periodic grid)."""
+  size = pipe.default_size
+  latents = pipe.initial_latents(len(prompts), size, size, seed)
+
+  def sample(params):
+    return dataclasses.replace(pipe, unet_params=params).generate(
+        prompts, num_inference_steps=train_config.sample_steps,
+        guidance_scale=train_config.sample_guidance, latents=latents)
+
+  return sample
+
+
+def initial_unet_params(pipe: pipeline_lib.Pipeline, workdir: str, init: str, stage: str):
+  """The U-Net params a stage starts from: the base model's, or a finished stage's."""
+  if not init:
+    return pipe.unet_params
+  path = init if os.path.isabs(init) else os.path.join(workdir, init, loop.FINAL_PARAMS)
+  return checkpoint.load_params(path, checkpoint.abstract_like(pipe.unet_params),
+                                what=f'{stage}: init')
+
+
+def run_rf(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
+  train_config = config.rf
+  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
+  data = input_lib.create_input(
+      input_config(config.data, config.data.train_split), pipe.tokenizer,
+      global_batch_size=train_config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  workdir = os.path.dirname(stage_dir)
+  params = loop.train(
+      train_config, stage_dir, stage='rf',
+      init_params=initial_unet_params(pipe, workdir, train_config.init, 'rf'),
+      frozen=frozen_params(pipe), loss_fn=flow_matching_loss(pipe.modules, train_config),
+      batches=data.batches,
+      sample_fn=make_sample_fn(pipe, sample_prompts(config, train_config.num_samples),
+                               train_config, config.seed),
+      seed=config.seed)
+  del params
+  return {'steps': train_config.steps, 'examples_per_epoch': len(data)}

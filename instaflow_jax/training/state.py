@@ -1,0 +1,52 @@
+"""The train state (params, EMA params, optimizer state, step) and the optimizer.
+
+Only what training changes lives here; frozen networks (text encoder, autoencoder,
+teacher, LPIPS) are passed to the step separately and never checkpointed.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation) -> 'TrainState':
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), tx=tx)
+
+  def apply_gradients(self, grads, ema_decay: float) -> 'TrainState':
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, self.ema_params, params)
+    return self.replace(step=self.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to config.lr, then constant or cosine decay to the end of training."""
+  warmup = min(config.warmup_steps, total_steps)
+  if config.schedule == 'constant':
+    after = optax.constant_schedule(config.lr)
+  elif config.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(config.lr, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f"optimizer.schedule {config.schedule!r} is unknown; use 'constant' or 'cosine'")
+  return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with warmup + schedule and global-norm clipping. (Gradient accumulation is
+  done by the train step over micro-batches, so that one step is always one update.)"""
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip),
+      optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2,
+                  eps=config.eps, weight_decay=config.weight_decay))
