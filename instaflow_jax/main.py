@@ -30,10 +30,21 @@ def _quiet_chatty_libraries(record) -> bool:
       lib in record.pathname for lib in _CHATTY_LIBRARIES)
 
 
+def enable_compilation_cache() -> None:
+  """Reuses compiled XLA programs across runs (a resumed or repeated run skips minutes of
+  compilation on a CPU). JAX_COMPILATION_CACHE_DIR overrides the location."""
+  import jax
+  cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'instaflow_jax', 'xla')
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_chatty_libraries)
+  enable_compilation_cache()
   from instaflow_jax import stages  # after flag parsing: imports jax, tensorflow
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()

@@ -1,9 +1,20 @@
-"""Test set-up: run JAX on the CPU in float32, quietly, and make torch deterministic."""
+"""Test set-up: JAX on the CPU in float32 with a shared compilation cache, one prepared
+copy of the captioned-shapes dataset for the whole session."""
 import os
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Subprocesses (main runs) inherit it: repeated runs of a config compile once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_REPO, '.cache', 'jax'))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  """A tfds data_dir shared by the tests that run main on configs/shapes.py:quick."""
+  return str(tmp_path_factory.mktemp('tensorflow_datasets'))

@@ -55,8 +55,9 @@ def sample_time(rng: jax.Array, batch: int, kind: str = 'uniform', *, logit_mean
 
   uniform:       s ~ U(0, 1) (the Rectified Flow paper).
   logit_normal:  s = sigmoid(N(logit_mean, logit_std)) (SD3), weighting the middle.
-  u_shaped:      density proportional to exp(a*s) + exp(-a*s) (2-RF++), weighting both
-                 ends, where a reflowed model's errors concentrate.
+  u_shaped:      density proportional to exp(a*s) + exp(a*(1-s)) (2-RF++: the truncated
+                 exponential and its mirror image), weighting both ends, where a
+                 reflowed model's errors concentrate.
   """
   if kind == 'uniform':
     return jax.random.uniform(rng, (batch,))

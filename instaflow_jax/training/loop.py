@@ -203,7 +203,6 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
         checkpointer.save(step, state, {'step': step, 'data_position': step})
         last_good = step
       if sigterm.raised:
-        checkpointer.close()
         raise Preempted(f'{stage}: SIGTERM at step {step}; checkpoint saved, rerun the same '
                         'command to resume')
     if step < config.steps:
@@ -211,7 +210,7 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     writer.flush()
-  checkpointer.close()
+    checkpointer.close()  # waits for a save in flight, so the last good checkpoint is whole
   checkpoint.save_params(os.path.join(stage_dir, FINAL_PARAMS), state.ema_params)
   return state.ema_params
 

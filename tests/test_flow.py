@@ -1,0 +1,85 @@
+"""The rectified-flow conventions, time distributions and losses."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instaflow_jax.flow import rectified_flow
+from instaflow_jax.flow import samplers
+
+
+def test_path_and_network_time_conventions():
+  x0, x1 = jnp.zeros((2, 3)), jnp.ones((2, 3))
+  np.testing.assert_allclose(rectified_flow.interpolate(x0, x1, jnp.array([0.0, 0.25])),
+                             [[0, 0, 0], [0.25, 0.25, 0.25]])
+  np.testing.assert_allclose(rectified_flow.velocity_target(x0, x1), x1 - x0)
+  # The released pipeline evaluates v at (1 - i/N) * 1000.
+  np.testing.assert_allclose(rectified_flow.network_time(rectified_flow.euler_times(4)),
+                             [1000.0, 750.0, 500.0, 250.0])
+
+
+def test_euler_follows_a_straight_flow_exactly_in_one_step():
+  x0 = jax.random.normal(jax.random.key(0), (4, 5))
+  x1 = jax.random.normal(jax.random.key(1), (4, 5))
+  straight = lambda x, s: x1 - x0  # the velocity of a perfectly straight coupling
+  np.testing.assert_allclose(samplers.euler_sample(straight, x0, 1), x1, atol=1e-6)
+  np.testing.assert_allclose(samplers.euler_sample(straight, x0, 7), x1, atol=1e-5)
+
+
+def test_guidance_combines_branches_as_the_released_pipeline():
+  seen = {}
+
+  def apply_fn(x, t, embeds):
+    seen['t'], seen['batch'] = t, x.shape[0]
+    return embeds[:, :1, :1] * jnp.ones_like(x)
+
+  text, uncond = jnp.full((2, 3, 4), 2.0), jnp.full((2, 3, 4), 0.5)
+  v = samplers.conditional_velocity(apply_fn, text, uncond, 3.0)(jnp.zeros((2, 1, 1)), 0.25)
+  np.testing.assert_allclose(v, 0.5 + 3.0 * (2.0 - 0.5))
+  assert seen['batch'] == 4
+  np.testing.assert_allclose(seen['t'], 750.0)
+  assert not rectified_flow.uses_guidance(1.0) and rectified_flow.uses_guidance(1.5)
+
+
+def _histogram(samples, bins=10):
+  return np.histogram(np.asarray(samples), bins=bins, range=(0, 1), density=True)[0]
+
+
+def test_time_distributions_have_their_densities():
+  n = 200_000
+  uniform = rectified_flow.sample_time(jax.random.key(0), n, 'uniform')
+  np.testing.assert_allclose(_histogram(uniform), 1.0, atol=0.03)
+
+  logit = rectified_flow.sample_time(jax.random.key(1), n, 'logit_normal', logit_mean=0.5,
+                                     logit_std=1.0)
+  z = np.log(np.asarray(logit) / (1 - np.asarray(logit)))
+  assert abs(z.mean() - 0.5) < 0.01 and abs(z.std() - 1.0) < 0.01
+
+  a = 4.0
+  u_shaped = rectified_flow.sample_time(jax.random.key(2), n, 'u_shaped', u_shape_a=a)
+  edges = np.linspace(0, 1, 11)
+  # Exact bin masses of the density (e^{a s} + e^{a (1 - s)}) / Z on [0, 1].
+  antiderivative = lambda s: (np.exp(a * s) - np.exp(a * (1 - s))) / a
+  expected = np.diff(antiderivative(edges)) / (antiderivative(1.0) - antiderivative(0.0)) * 10
+  np.testing.assert_allclose(_histogram(u_shaped), expected, rtol=0.05)
+  assert float(jnp.min(u_shaped)) >= 0.0 and float(jnp.max(u_shaped)) <= 1.0
+
+
+def test_unknown_time_distribution_and_loss_are_named():
+  with pytest.raises(ValueError, match="'beta'"):
+    rectified_flow.sample_time(jax.random.key(0), 2, 'beta')
+  with pytest.raises(ValueError, match="'l1'"):
+    rectified_flow.per_example_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 'l1')
+
+
+def test_losses():
+  prediction = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+  target = jnp.array([[0.0, 0.0], [3.0, 4.0]])
+  np.testing.assert_allclose(rectified_flow.per_example_loss(prediction, target, 'l2'),
+                             [2.5, 12.5])
+  huber = rectified_flow.per_example_loss(prediction, target, 'pseudo_huber', huber_c=1.0)
+  np.testing.assert_allclose(huber, [np.sqrt(5 + 1) - 1, np.sqrt(25 + 1) - 1], rtol=1e-6)
+  default_c = 0.00054 * np.sqrt(2)
+  np.testing.assert_allclose(
+      rectified_flow.per_example_loss(prediction, target, 'pseudo_huber'),
+      [np.sqrt(5 + default_c**2) - default_c, np.sqrt(25 + default_c**2) - default_c], rtol=1e-6)

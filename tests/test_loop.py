@@ -1,0 +1,112 @@
+"""The training loop on a toy regression: resume, NaN stop, SIGTERM, gradient accumulation."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import shapes
+from instaflow_jax.training import checkpoint
+from instaflow_jax.training import loop
+
+
+def toy_config(steps=12, **overrides):
+  config = shapes.training_config(quick=True, steps=steps)
+  config.update(dict(checkpoint_every=4, log_every=1, sample_every=1000, **overrides))
+  config.optimizer.lr = 0.1
+  return config
+
+
+class Killed(Exception):
+  """Stands for the process dying between two steps."""
+
+
+def toy_loss(params, frozen, batch, rng):
+  prediction = batch['x'] @ params['w'] + frozen['bias']
+  noise = 0.01 * jax.random.normal(rng, prediction.shape)  # uses the step's RNG
+  return jnp.mean((prediction + noise - batch['y']) ** 2), {'w_norm': jnp.linalg.norm(params['w'])}
+
+
+def toy_batches(start_step, fail_at=None, on_step=None, kill_at=None):
+  step = start_step
+  while True:
+    step += 1
+    if on_step:
+      on_step(step)
+    if step == kill_at:
+      raise Killed
+    rng = np.random.default_rng(step)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    y = x @ np.arange(4, dtype=np.float32)
+    if fail_at is not None and step >= fail_at:
+      y = y * np.float32(np.nan)
+    yield {'x': x, 'y': y}
+
+
+def run(stage_dir, config, **batch_kwargs):
+  return loop.train(config, str(stage_dir), stage='toy', init_params={'w': jnp.zeros(4)},
+                    frozen={'bias': jnp.float32(0.5)}, loss_fn=toy_loss,
+                    batches=lambda start: toy_batches(start, **batch_kwargs))
+
+
+def test_training_reduces_the_loss_and_writes_final_params(tmp_path):
+  params = run(tmp_path / 'a', toy_config(steps=40))
+  rows = loop.read_metrics(str(tmp_path / 'a'))
+  losses = [r['loss'] for r in rows if 'loss' in r]
+  assert len(losses) == 40 and losses[-1] < 0.5 * losses[0]
+  restored = checkpoint.load_params(str(tmp_path / 'a' / loop.FINAL_PARAMS),
+                                    checkpoint.abstract_like(params))
+  np.testing.assert_array_equal(restored['w'], params['w'])
+  assert sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['36', '40']  # keep 2
+
+
+def test_resume_continues_exactly(tmp_path):
+  reference = run(tmp_path / 'ref', toy_config())
+  with pytest.raises(Killed):  # dies at step 10, after the checkpoint of step 8
+    run(tmp_path / 'cut', toy_config(), kill_at=10)
+  assert loop.read_metrics(str(tmp_path / 'cut'))[-1]['step'] == 9
+  resumed = run(tmp_path / 'cut', toy_config())
+  np.testing.assert_array_equal(resumed['w'], reference['w'])
+  ref_rows = {r['step']: r for r in loop.read_metrics(str(tmp_path / 'ref'))}
+  for row in loop.read_metrics(str(tmp_path / 'cut')):
+    if 'loss' in row:
+      assert row['loss'] == ref_rows[row['step']]['loss'], row['step']
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r'toy: loss nan .* at step 6 is not finite; stopped \(last good '
+                           r'checkpoint: step 4\)'):
+    run(tmp_path, toy_config(), fail_at=6)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
+  assert not loop.is_complete(str(tmp_path))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+  def preempt(step):
+    if step == 7:
+      os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(loop.Preempted, match='SIGTERM at step 7'):
+    run(tmp_path, toy_config(), on_step=preempt)
+  assert '7' in os.listdir(tmp_path / 'checkpoints')
+  reference = run(tmp_path / 'ref', toy_config())
+  resumed = run(tmp_path, toy_config())
+  np.testing.assert_array_equal(resumed['w'], reference['w'])
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  config = toy_config()
+  batch, frozen = next(toy_batches(0)), {'bias': jnp.float32(0.5)}
+  mse = lambda p, f, b, rng: (jnp.mean((b['x'] @ p['w'] + f['bias'] - b['y']) ** 2), {})
+  results = []
+  for micro_batches in (1, 2, 4):
+    state = loop.TrainState.create({'w': jnp.ones(4)}, loop.make_optimizer(config.optimizer, 10))
+    step = loop.make_train_step(mse, 0.9, micro_batches)
+    results.append(step(state, frozen, batch, jax.random.key(0)))
+  for state, metrics in results[1:]:
+    np.testing.assert_allclose(metrics['loss'], results[0][1]['loss'], rtol=1e-6)
+    np.testing.assert_allclose(metrics['grad_norm'], results[0][1]['grad_norm'], rtol=1e-6)
+    np.testing.assert_allclose(state.params['w'], results[0][0].params['w'], rtol=1e-6)
