@@ -72,6 +72,9 @@ class Pipeline:
     """
     compute_dtype = jnp.dtype(config.compute_dtype)
     if config.source == 'diffusers':
+      if not config.diffusers_path:
+        raise ValueError('model.diffusers_path is empty: give the diffusers folder, e.g. '
+                         '--config=configs/sd15_rf.py:/path/to/stable-diffusion-v1-5')
       pipe = cls.from_diffusers(config.diffusers_path)
       unet = UNet2DConditionModel(pipe.unet.config, dtype=compute_dtype, remat_blocks=config.remat)
       return dataclasses.replace(pipe, unet=unet)
@@ -99,7 +102,12 @@ class Pipeline:
 
   @property
   def default_size(self) -> int:
-    return self.unet.config.sample_size * self.vae_scale_factor
+    """The image side the U-Net was configured for (config.sample_size latents)."""
+    sample_size = self.unet.config.sample_size
+    if not isinstance(sample_size, int):
+      raise ValueError(f'the U-Net config gives no single sample_size ({sample_size!r}); '
+                       'pass height and width')
+    return sample_size * self.vae_scale_factor
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     """Token ids padded (and truncated) to the tokenizer's max length, as the pipeline does."""

@@ -137,49 +137,10 @@ def rename_legacy_vae_keys(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray
   return renamed
 
 
-class ResnetBlock2D(nn.Module):
-  """diffusers' ResnetBlock2D without a time embedding (output_scale_factor 1, no dropout)."""
-  config: AutoencoderConfig
-  out_channels: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    groups = self.config.norm_num_groups
-    act = layers.activation(self.config.act_fn)
-    h = act(layers.group_norm(groups, _NORM_EPS, 'norm1', **kw)(x))
-    h = layers.conv(self.out_channels, 'conv1', **kw)(h)
-    h = act(layers.group_norm(groups, _NORM_EPS, 'norm2', **kw)(h))
-    h = layers.conv(self.out_channels, 'conv2', **kw)(h)
-    if x.shape[-1] != self.out_channels:
-      x = layers.conv(self.out_channels, 'conv_shortcut', kernel_size=1, **kw)(x)
-    return x + h
-
-
-class Downsample2D(nn.Module):
-  """The encoder's stride-2 3x3 conv; diffusers pads it by one pixel on the bottom/right only."""
-  channels: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return layers.conv(self.channels, 'conv', strides=2, padding=((0, 1), (0, 1)),
-                       dtype=self.dtype, param_dtype=self.param_dtype)(x)
-
-
-class Upsample2D(nn.Module):
-  """Nearest 2x upsampling then a 3x3 conv."""
-  channels: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return layers.conv(self.channels, 'conv', dtype=self.dtype,
-                       param_dtype=self.param_dtype)(layers.upsample_nearest_2x(x))
+def _resnet(config: AutoencoderConfig, out_channels: int, name: str, kw: dict) -> nn.Module:
+  """A ResnetBlock2D without a time embedding (diffusers' temb_channels=None)."""
+  return layers.ResnetBlock2D(out_channels, config.norm_num_groups, _NORM_EPS, config.act_fn,
+                              name=name, **kw)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -218,10 +179,10 @@ class UNetMidBlock2D(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     channels = x.shape[-1]
-    x = ResnetBlock2D(self.config, channels, name='resnets_0', **kw)(x)
+    x = _resnet(self.config, channels, 'resnets_0', kw)(x)
     if self.config.mid_block_add_attention:
       x = SpatialSelfAttention(self.config, channels, name='attentions_0', **kw)(x)
-    return ResnetBlock2D(self.config, channels, name='resnets_1', **kw)(x)
+    return _resnet(self.config, channels, 'resnets_1', kw)(x)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -236,9 +197,10 @@ class DownEncoderBlock2D(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.config.layers_per_block):
-      x = ResnetBlock2D(self.config, self.out_channels, name=f'resnets_{i}', **kw)(x)
+      x = _resnet(self.config, self.out_channels, f'resnets_{i}', kw)(x)
     if self.add_downsample:
-      x = Downsample2D(self.out_channels, name='downsamplers_0', **kw)(x)
+      # diffusers' VAE pads the stride-2 conv by one pixel on the bottom/right only.
+      x = layers.Downsample2D(self.out_channels, padding=0, name='downsamplers_0', **kw)(x)
     return x
 
 
@@ -254,9 +216,9 @@ class UpDecoderBlock2D(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.config.layers_per_block + 1):
-      x = ResnetBlock2D(self.config, self.out_channels, name=f'resnets_{i}', **kw)(x)
+      x = _resnet(self.config, self.out_channels, f'resnets_{i}', kw)(x)
     if self.add_upsample:
-      x = Upsample2D(self.out_channels, name='upsamplers_0', **kw)(x)
+      x = layers.Upsample2D(self.out_channels, name='upsamplers_0', **kw)(x)
     return x
 
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by every network: layers with logical axis names, norms, attention.
+"""Building blocks shared by every network: layers with logical axis names, norms, attention,
+and the convolutional blocks (resnet, down/up-samplers) that the U-Net and the VAE share.
 
 Every parameter is created through `nn.with_logical_partitioning`, so a model can be
 sharded later by mapping logical names (below) to mesh axes, without touching the model.
@@ -18,6 +19,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 # Padding given as torch's symmetric integer padding, or explicit (low, high) pairs per spatial dim.
@@ -142,6 +144,85 @@ class Attention(nn.Module):
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
   """torch F.interpolate(scale_factor=2, mode='nearest') on NHWC."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source rows of torch's nearest interpolation to an explicit size (float32 scale)."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  index = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
+  return np.minimum(index, in_size - 1)
+
+
+def upsample_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
+  """torch F.interpolate(mode='nearest') of NHWC `x` to spatial `size`.
+
+  diffusers' U-Net forces the size of its skip connection when the input size is not a
+  multiple of the total down-sampling factor; otherwise it is exactly 2x.
+  """
+  if tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+    return upsample_nearest_2x(x)
+  for axis, out_size in zip((1, 2), size):
+    x = jnp.take(x, _nearest_indices(x.shape[axis], out_size), axis=axis)
+  return x
+
+
+class ResnetBlock2D(nn.Module):
+  """diffusers' ResnetBlock2D (no dropout): norm1, act, conv1, [+ time_emb_proj(act(temb))],
+  norm2, act, conv2; a 1x1 conv_shortcut when the width changes; (shortcut + h) /
+  output_scale_factor.
+
+  Called without `temb`, it has no time_emb_proj (diffusers' temb_channels=None), as in the VAE.
+  """
+  out_channels: int
+  groups: int
+  eps: float
+  act_fn: str
+  output_scale_factor: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    act = activation(self.act_fn)
+    h = act(group_norm(self.groups, self.eps, 'norm1', **kw)(x))
+    h = conv(self.out_channels, 'conv1', **kw)(h)
+    if temb is not None:
+      h = h + dense(self.out_channels, 'time_emb_proj', **kw)(act(temb))[:, None, None, :]
+    h = act(group_norm(self.groups, self.eps, 'norm2', **kw)(h))
+    h = conv(self.out_channels, 'conv2', **kw)(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 'conv_shortcut', kernel_size=1, **kw)(x)
+    return (x + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+  """A stride-2 3x3 conv; torch padding 0 means diffusers' explicit (0, 1) bottom/right pad."""
+  out_channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    padding = self.padding if self.padding else ((0, 1), (0, 1))
+    return conv(self.out_channels, 'conv', strides=2, padding=padding, dtype=self.dtype,
+                param_dtype=self.param_dtype)(x)
+
+
+class Upsample2D(nn.Module):
+  """Nearest up-sampling to `size` (exactly 2x when None, like diffusers' output_size), then a
+  3x3 conv."""
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, size: Optional[Tuple[int, int]] = None) -> jax.Array:
+    if size is None:
+      size = (2 * x.shape[1], 2 * x.shape[2])
+    return conv(self.out_channels, 'conv', dtype=self.dtype,
+                param_dtype=self.param_dtype)(upsample_nearest(x, size))
 
 
 def tuple_of(value: Any, length: int) -> Tuple[Any, ...]:

@@ -175,26 +175,6 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """Source rows of torch's nearest interpolation to an explicit size (float32 scale)."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  index = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
-  return np.minimum(index, in_size - 1)
-
-
-def upsample_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
-  """torch F.interpolate(mode='nearest') of NHWC `x` to spatial `size`.
-
-  diffusers forces the size of its skip connection when the input size is not a multiple
-  of the total down-sampling factor; otherwise it is exactly 2x.
-  """
-  if tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
-    return layers.upsample_nearest_2x(x)
-  for axis, out_size in zip((1, 2), size):
-    x = jnp.take(x, _nearest_indices(x.shape[axis], out_size), axis=axis)
-  return x
-
-
 @functools.lru_cache(maxsize=None)
 def _rematted(module_class):
   return nn.remat(module_class)
@@ -212,31 +192,6 @@ class TimestepEmbedding(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.activation(self.act_fn)(layers.dense(self.features, 'linear_1', **kw)(x))
     return layers.dense(self.features, 'linear_2', axes=('mlp', 'embed'), **kw)(x)
-
-
-class ResnetBlock2D(nn.Module):
-  """norm1, act, conv1, + time_emb_proj(act(temb)), norm2, act, conv2; a 1x1 conv_shortcut
-  when the width changes; (shortcut + h) / output_scale_factor."""
-  out_channels: int
-  groups: int
-  eps: float
-  act_fn: str
-  output_scale_factor: float = 1.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    act = layers.activation(self.act_fn)
-    h = act(layers.group_norm(self.groups, self.eps, 'norm1', **kw)(x))
-    h = layers.conv(self.out_channels, 'conv1', **kw)(h)
-    h = h + layers.dense(self.out_channels, 'time_emb_proj', **kw)(act(temb))[:, None, None, :]
-    h = act(layers.group_norm(self.groups, self.eps, 'norm2', **kw)(h))
-    h = layers.conv(self.out_channels, 'conv2', **kw)(h)
-    if x.shape[-1] != self.out_channels:
-      x = layers.conv(self.out_channels, 'conv_shortcut', kernel_size=1, **kw)(x)
-    return (x + h) / self.output_scale_factor
 
 
 class GEGLU(nn.Module):
@@ -318,32 +273,6 @@ class Transformer2DModel(nn.Module):
     return x + _projection(channels, self.use_linear_projection, 'proj_out', **kw)(h)
 
 
-class Downsample2D(nn.Module):
-  """A stride-2 3x3 conv; torch padding 0 means diffusers' explicit (0, 1) bottom/right pad."""
-  out_channels: int
-  padding: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    padding = self.padding if self.padding else ((0, 1), (0, 1))
-    return layers.conv(self.out_channels, 'conv', strides=2, padding=padding, dtype=self.dtype,
-                       param_dtype=self.param_dtype)(x)
-
-
-class Upsample2D(nn.Module):
-  """Nearest up-sampling to `size` (the next skip's), then a 3x3 conv."""
-  out_channels: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, size: Tuple[int, int]) -> jax.Array:
-    return layers.conv(self.out_channels, 'conv', dtype=self.dtype,
-                       param_dtype=self.param_dtype)(upsample_nearest(x, size))
-
-
 class _Block(nn.Module):
   """What down, mid and up blocks share: how they build resnets and transformers.
 
@@ -358,7 +287,7 @@ class _Block(nn.Module):
 
   def resnet(self, index: int, output_scale_factor: float = 1.0) -> nn.Module:
     cfg = self.config
-    module = _rematted(ResnetBlock2D) if self.remat else ResnetBlock2D
+    module = _rematted(layers.ResnetBlock2D) if self.remat else layers.ResnetBlock2D
     return module(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,
                   output_scale_factor, self.dtype, self.param_dtype, name=f'resnets_{index}')
 
@@ -387,8 +316,8 @@ class DownBlock(_Block):
         x = self.attention(i)(x, context)
       skips.append(x)
     if self.add_downsample:
-      x = Downsample2D(self.out_channels, self.config.downsample_padding, self.dtype,
-                       self.param_dtype, name='downsamplers_0')(x)
+      x = layers.Downsample2D(self.out_channels, self.config.downsample_padding, self.dtype,
+                              self.param_dtype, name='downsamplers_0')(x)
       skips.append(x)
     return x, skips
 
@@ -419,8 +348,8 @@ class UpBlock(_Block):
       if self.heads is not None:
         x = self.attention(i)(x, context)
     if self.add_upsample:
-      x = Upsample2D(self.out_channels, self.dtype, self.param_dtype, name='upsamplers_0')(
-          x, upsample_size)
+      x = layers.Upsample2D(self.out_channels, self.dtype, self.param_dtype,
+                            name='upsamplers_0')(x, upsample_size)
     return x
 
 
