@@ -17,6 +17,7 @@ import torchvision
 from instaflow_jax.convert import lpips_weights
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.convert.torch_names import flax_to_torch_state
+from instaflow_jax.convert.torch_names import read_torch_file
 from instaflow_jax.convert.torch_names import torch_key
 from instaflow_jax.models.lpips import LPIPS
 
@@ -168,7 +169,7 @@ def test_file_errors_name_the_file(tmp_path):
 def test_shipped_lin_file_is_the_packages():
   path = lpips_weights.shipped_lin_path('vgg')
   shipped = torch.load(path, map_location='cpu', weights_only=True)
-  assert sorted(lpips_weights.read_pth(path)) == sorted(shipped) == [
+  assert sorted(read_torch_file(path)) == sorted(shipped) == [
       f'lin{k}.model.1.weight' for k in range(5)]
 
 

@@ -18,6 +18,7 @@ import safetensors.numpy
 
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.convert.torch_names import flax_to_torch_state
+from instaflow_jax.convert.torch_names import read_torch_file
 from instaflow_jax.convert.torch_names import torch_state_to_flax
 from instaflow_jax.models.autoencoder import AutoencoderConfig
 from instaflow_jax.models.autoencoder import AutoencoderKL
@@ -91,17 +92,6 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
         'download or export it again') from None
 
 
-def _read_torch_bin(path: str) -> Dict[str, np.ndarray]:
-  import torch  # only for .bin checkpoints; safetensors needs no torch
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:
-    raise ConversionError(f'{path}: cannot read torch checkpoint ({e}); it is truncated '
-                          'or corrupt, download or export it again') from None
-  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-          for k, v in state.items()}
-
-
 def read_state_dict(component_dir: str, stem: str) -> Tuple[Dict[str, np.ndarray], str]:
   """The weights of one component and the file(s) they came from."""
   single = os.path.join(component_dir, f'{stem}.safetensors')
@@ -115,7 +105,7 @@ def read_state_dict(component_dir: str, stem: str) -> Tuple[Dict[str, np.ndarray
     return state, index
   legacy = os.path.join(component_dir, f'{stem}.bin')
   if os.path.isfile(legacy):
-    return _read_torch_bin(legacy), legacy
+    return read_torch_file(legacy), legacy
   raise ConversionError(f'{component_dir}: no weights ({stem}.safetensors, '
                         f'{stem}.safetensors.index.json or {stem}.bin)')
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from instaflow_jax.convert.diffusers import abstract_variables
 from instaflow_jax.convert.torch_names import ConversionError
+from instaflow_jax.convert.torch_names import read_torch_file
 from instaflow_jax.convert.torch_names import torch_state_to_flax
 from instaflow_jax.models.lpips import INPUT_SCALE
 from instaflow_jax.models.lpips import INPUT_SHIFT
@@ -32,21 +33,6 @@ _CONSTANTS = {'scaling_layer.shift': INPUT_SHIFT, 'scaling_layer.scale': INPUT_S
 # lpips.LPIPS holds lin0..lin4 a second time in the ModuleList `lins`.
 _LINS_ALIAS = re.compile(r'^lins\.(\d+)\.(.+)$')
 _FEATURE = re.compile(r'^features\.(\d+)\.(.+)$')
-
-
-def read_pth(path: str) -> Dict[str, np.ndarray]:
-  """A torch state dict file as float32 numpy arrays; errors name the file."""
-  import torch  # LPIPS weights only come as torch files
-  if not os.path.isfile(path):
-    raise ConversionError(f'{path}: file not found')
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:
-    raise ConversionError(f'{path}: cannot read torch checkpoint ({e}); it is truncated or '
-                          'corrupt') from None
-  if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-    raise ConversionError(f'{path}: not a state dict (a mapping of names to tensors)')
-  return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
 def shipped_lin_path(net: str) -> str:
@@ -124,8 +110,8 @@ def load_lpips(net: str, lin_path: Optional[str] = None, trunk_path: Optional[st
   lin_path = lin_path or shipped_lin_path(net)
   module = LPIPS(net, dtype=dtype)
   trunk_shapes, lin_shapes = _trunk_and_lins(abstract_variables(module))
-  lin_params = torch_state_to_flax(_lpips_parameters(read_pth(lin_path), lin_path), lin_shapes,
+  lin_params = torch_state_to_flax(_lpips_parameters(read_torch_file(lin_path), lin_path), lin_shapes,
                                    lin_path)
   trunk_params = torch_state_to_flax(
-      torchvision_trunk_to_lpips(read_pth(trunk_path), net, trunk_path), trunk_shapes, trunk_path)
+      torchvision_trunk_to_lpips(read_torch_file(trunk_path), net, trunk_path), trunk_shapes, trunk_path)
   return module, jax.tree.map(jnp.asarray, {**trunk_params, **lin_params})

@@ -13,6 +13,7 @@ and the leaf names translate as
 Every check is against the expected tree (from jax.eval_shape of the model's init), and
 every error names the file and the first key that does not fit.
 """
+import os
 import re
 from typing import Dict, Mapping, Tuple
 
@@ -111,3 +112,18 @@ def flax_to_torch_state(params) -> Dict[str, np.ndarray]:
   params = params.get('params', params)
   return {torch_key(path): np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(leaf)))
           for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+
+
+def read_torch_file(path: str) -> Dict[str, np.ndarray]:
+  """A torch state dict file as float32 numpy arrays; errors name the file."""
+  import torch  # only for .bin/.pth files; safetensors needs no torch
+  if not os.path.isfile(path):
+    raise ConversionError(f'{path}: file not found')
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:
+    raise ConversionError(f'{path}: cannot read torch checkpoint ({e}); it is truncated or '
+                          'corrupt, download or export it again') from None
+  if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+    raise ConversionError(f'{path}: not a state dict (a mapping of names to tensors)')
+  return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
