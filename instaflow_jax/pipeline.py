@@ -20,6 +20,7 @@ import numpy as np
 
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data.tokenizer import WordTokenizer
+from instaflow_jax.data.tokenizer import tokenize
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
 from instaflow_jax.models.clip_text import CLIPTextConfig
@@ -111,9 +112,7 @@ class Pipeline:
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     """Token ids padded (and truncated) to the tokenizer's max length, as the pipeline does."""
-    return np.asarray(self.tokenizer(
-        list(prompts), padding='max_length', max_length=self.tokenizer.model_max_length,
-        truncation=True, return_tensors='np').input_ids, np.int32)
+    return tokenize(self.tokenizer, prompts)
 
   def initial_latents(self, batch: int, height: int, width: int, seed: int) -> jax.Array:
     """N(0, I) noise, NHWC, at latent resolution (no sigma scaling for a flow)."""

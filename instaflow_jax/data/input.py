@@ -28,6 +28,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from instaflow_jax.data import shapes  # noqa: F401  (registers 'captioned_shapes' with tfds)
+from instaflow_jax.data.tokenizer import tokenize
 
 Batch = Dict[str, np.ndarray]
 
@@ -111,16 +112,16 @@ def _model_image(image: np.ndarray, size: int) -> np.ndarray:
   return image.astype(np.float32) / 127.5 - 1.0
 
 
-class ImageTextInput:
-  """Batches {'image': float32 [b, H, W, 3], 'input_ids': int32 [b, T], labels: int32 [b]}.
+class IndexedInput:
+  """Exactly resumable batches over a random-access source of examples.
 
-  `source` is any random-access sequence of examples (a tfds data source); b is this
-  process's share of `global_batch_size`. `tokenizer` is called as a CLIPTokenizer is.
+  Sample j of the global batch at step k is position k * global_batch_size + j of an
+  endless stream that visits every example once per epoch, in the order of a permutation
+  seeded by (seed, epoch); process i of n takes the i-th of n equal slices. Subclasses
+  turn the examples of a step into arrays (`make_batch`).
   """
 
-  def __init__(self, source, tokenizer, *, global_batch_size: int, image_size: int,
-               image_key: str = 'image', caption_key: str = 'caption',
-               label_keys: Sequence[str] = (), seed: int = 0, process_index: int = 0,
+  def __init__(self, source, *, global_batch_size: int, seed: int = 0, process_index: int = 0,
                process_count: int = 1, prefetch: int = 2):
     if global_batch_size % process_count:
       raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
@@ -129,15 +130,9 @@ class ImageTextInput:
       raise ValueError(f'process_index={process_index} not in [0, {process_count})')
     if len(source) == 0:
       raise ValueError(f'input: the source {source!r} is empty')
-    info = getattr(source, 'dataset_info', None)
-    if info is not None:
-      check_features(info, (image_key, caption_key) + tuple(label_keys))
     self.source = source
-    self.tokenizer = tokenizer
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
-    self.image_size = image_size
-    self.image_key, self.caption_key, self.label_keys = image_key, caption_key, tuple(label_keys)
     self.seed = seed
     self.process_index = process_index
     self.prefetch = prefetch
@@ -159,32 +154,15 @@ class ImageTextInput:
     indices = np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
     return epochs, indices
 
-  def _caption(self, value, epoch: int, index: int) -> str:
-    """One of the captions, picked by the sample's key (seed, epoch, index)."""
-    if not value:
-      raise ValueError(f'input: example {index} has no caption in {self.caption_key!r}')
-    if len(value) == 1:
-      return value[0]
-    key = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
-    return value[int(key) % len(value)]
+  def make_batch(self, examples: Sequence[Any], epochs: np.ndarray, indices: np.ndarray) -> Batch:
+    raise NotImplementedError
 
   def batch(self, step: int) -> Batch:
     """This process's part of the global batch at `step`."""
     epochs, indices = self.sample_ids(step)
     examples = self.source.__getitems__(indices.tolist()) if hasattr(
         self.source, '__getitems__') else [self.source[int(i)] for i in indices]
-    captions = [self._caption(captions_of(ex, self.caption_key), int(e), int(i))
-                for ex, e, i in zip(examples, epochs, indices)]
-    batch = {
-        'image': np.stack([_model_image(np.asarray(_lookup(ex, self.image_key)), self.image_size)
-                           for ex in examples]),
-        'input_ids': np.asarray(self.tokenizer(
-            captions, padding='max_length', max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors='np').input_ids, np.int32),
-    }
-    for key in self.label_keys:
-      batch[key] = np.array([_lookup(ex, key) for ex in examples], np.int32)
-    return batch
+    return self.make_batch(examples, epochs, indices)
 
   def batches(self, start_step: int = 0) -> Iterator[Batch]:
     """Batches of steps start_step, start_step + 1, ..., made ahead by a background thread."""
@@ -219,6 +197,48 @@ class ImageTextInput:
     finally:
       stop.set()
       thread.join()
+
+
+class ImageTextInput(IndexedInput):
+  """Batches {'image': float32 [b, H, W, 3], 'input_ids': int32 [b, T], labels: int32 [b]}.
+
+  `source` is any random-access sequence of examples (a tfds data source); b is this
+  process's share of `global_batch_size`. `tokenizer` is called as a CLIPTokenizer is.
+  """
+
+  def __init__(self, source, tokenizer, *, global_batch_size: int, image_size: int,
+               image_key: str = 'image', caption_key: str = 'caption',
+               label_keys: Sequence[str] = (), seed: int = 0, process_index: int = 0,
+               process_count: int = 1, prefetch: int = 2):
+    super().__init__(source, global_batch_size=global_batch_size, seed=seed,
+                     process_index=process_index, process_count=process_count, prefetch=prefetch)
+    info = getattr(source, 'dataset_info', None)
+    if info is not None:
+      check_features(info, (image_key, caption_key) + tuple(label_keys))
+    self.tokenizer = tokenizer
+    self.image_size = image_size
+    self.image_key, self.caption_key, self.label_keys = image_key, caption_key, tuple(label_keys)
+
+  def _caption(self, value, epoch: int, index: int) -> str:
+    """One of the captions, picked by the sample's key (seed, epoch, index)."""
+    if not value:
+      raise ValueError(f'input: example {index} has no caption in {self.caption_key!r}')
+    if len(value) == 1:
+      return value[0]
+    key = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
+    return value[int(key) % len(value)]
+
+  def make_batch(self, examples, epochs, indices) -> Batch:
+    captions = [self._caption(captions_of(ex, self.caption_key), int(e), int(i))
+                for ex, e, i in zip(examples, epochs, indices)]
+    batch = {
+        'image': np.stack([_model_image(np.asarray(_lookup(ex, self.image_key)), self.image_size)
+                           for ex in examples]),
+        'input_ids': tokenize(self.tokenizer, captions),
+    }
+    for key in self.label_keys:
+      batch[key] = np.array([_lookup(ex, key) for ex in examples], np.int32)
+    return batch
 
 
 def create_input(config: InputConfig, tokenizer, *, global_batch_size: int, seed: int = 0,

@@ -120,3 +120,10 @@ class WordTokenizer:
     with open(os.path.join(path, FILENAME)) as f:
       saved = json.load(f)
     return cls(saved['words'], model_max_length=saved['model_max_length'])
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> np.ndarray:
+  """Token ids padded (and truncated) to the tokenizer's max length, as SD pipelines do."""
+  return np.asarray(tokenizer(
+      list(captions), padding='max_length', max_length=tokenizer.model_max_length,
+      truncation=True, return_tensors='np').input_ids, np.int32)
