@@ -294,8 +294,10 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
 
   def generate(p, ids, noise):
     from instaflow_jax import pipeline
+    from instaflow_jax.flow import samplers
     the_modules = pipeline.PipelineModules(bf16['unet'], bf16['vae'], bf16['text_encoder'])
-    return pipeline._sample_images(the_modules, p, ids, None, noise, jnp.float32(0.0), 1)
+    return pipeline.sample_images(the_modules, p, ids, None, noise, jnp.float32(0.0),
+                                  samplers.Solver('euler', 1))[0]
 
   def unet_forward(p, x, t, states):
     return bf16['unet'].apply({'params': p}, x, t, states)

@@ -19,7 +19,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/shapes.py: unknown variant {arg!r}; use ':quick' or nothing")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ('rf',)
+  c.stages = ('rf', 'pairs', 'reflow') if quick else ('rf',)
 
   c.data = ml_collections.ConfigDict(dict(
       name='captioned_shapes/size16' if quick else 'captioned_shapes/size24',  # tfds name
@@ -60,6 +60,24 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   ))
 
   c.rf = training_config(quick, steps=30 if quick else 1000)
+
+  # The teacher (1-RF) integrates its ODE from noise to images: the coupled pairs.
+  c.pairs = ml_collections.ConfigDict(dict(
+      teacher='rf',                 # a stage of this workdir (its final params), or a path
+      split='train',                # the prompts
+      num_pairs=64 if quick else 4096,
+      shard_size=32 if quick else 512,
+      batch_size=32 if quick else 128,
+      solver='euler',               # or 'dopri5' (adaptive; rtol/atol)
+      num_steps=4 if quick else 25,
+      rtol=1e-3, atol=1e-3,
+      guidance=1.0,                 # w; the paper used 5.0 for SD 1.5 pairs
+  ))
+
+  # The 2-rectified flow: the same trainer on the pairs, starting from the teacher.
+  c.reflow = training_config(quick, steps=20 if quick else 1000)
+  c.reflow.pairs = 'pairs'
+  c.reflow.init = 'rf'
   return c
 
 
@@ -78,6 +96,7 @@ def training_config(quick: bool, steps: int) -> ml_collections.ConfigDict:
   t.loss = 'l2'                     # or 'pseudo_huber'
   t.caption_dropout = 0.1           # classifier-free guidance training
   t.init = ''                       # params to start from ('' = fresh init or the base model)
+  t.pairs = ''                      # train on the pairs of this stage (reflow) instead of data
   t.log_every = 5 if quick else 25
   t.checkpoint_every = 10 if quick else 250
   t.keep_checkpoints = 2

@@ -146,8 +146,9 @@ class Pipeline:
       if len(negative) != len(prompts):
         raise ValueError(f'{len(negative)} negative prompts for {len(prompts)} prompts')
       uncond_ids = self.tokenize(negative)
-    images = _sample_images(self.modules, self.params, self.tokenize(prompts), uncond_ids,
-                            latents, jnp.float32(guidance_scale), num_inference_steps)
+    images, _ = sample_images(self.modules, self.params, self.tokenize(prompts), uncond_ids,
+                              latents, jnp.float32(guidance_scale),
+                              samplers.Solver('euler', num_inference_steps))
     return np.asarray(images, np.float32)
 
   @property
@@ -224,8 +225,13 @@ def decode_to_images(modules: PipelineModules, params, latents: jax.Array) -> ja
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
-def _sample_images(modules: PipelineModules, params, token_ids, uncond_ids, latents, guidance_scale,
-                   num_steps: int):
+def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, latents,
+                   guidance_scale, solver: samplers.Solver):
+  """Integrates the text-conditioned flow from the noise `latents`: (X1 latents, NFE).
+
+  With `uncond_ids` (the negative or empty prompts), classifier-free guidance with
+  `guidance_scale` is applied; without, the text branch alone.
+  """
   text_embeds = encode_text(modules, params, token_ids)
   uncond_embeds = None if uncond_ids is None else encode_text(modules, params, uncond_ids)
 
@@ -233,4 +239,12 @@ def _sample_images(modules: PipelineModules, params, token_ids, uncond_ids, late
     return modules.unet.apply({'params': params['unet']}, x, t, embeds)
 
   velocity = samplers.conditional_velocity(apply_unet, text_embeds, uncond_embeds, guidance_scale)
-  return decode_to_images(modules, params, samplers.euler_sample(velocity, latents, num_steps))
+  return samplers.integrate(velocity, latents, solver)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def sample_images(modules: PipelineModules, params, token_ids, uncond_ids, latents,
+                  guidance_scale, solver: samplers.Solver):
+  """sample_latents, decoded to images in [0, 1]: (images, NFE)."""
+  x1, nfe = sample_latents(modules, params, token_ids, uncond_ids, latents, guidance_scale, solver)
+  return decode_to_images(modules, params, x1), nfe

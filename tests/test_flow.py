@@ -83,3 +83,25 @@ def test_losses():
   np.testing.assert_allclose(
       rectified_flow.per_example_loss(prediction, target, 'pseudo_huber'),
       [np.sqrt(5 + default_c**2) - default_c, np.sqrt(25 + default_c**2) - default_c], rtol=1e-6)
+
+
+def test_dopri5_counts_its_evaluations_and_solves_accurately():
+  calls = []
+
+  def counted(x):
+    calls.append(1)
+    return x
+
+  def velocity(x, s):  # dx/ds = -x (1 + s): x(1) = x0 exp(-1.5)
+    x = jax.pure_callback(counted, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    return -x * (1.0 + s)
+
+  x0 = jnp.array([1.0, -2.0, 0.5])
+  x1, nfe = samplers.integrate(velocity, x0, samplers.Solver('dopri5', rtol=1e-6, atol=1e-6))
+  np.testing.assert_allclose(x1, x0 * np.exp(-1.5), rtol=1e-5)
+  assert int(nfe) == len(calls) > 7
+
+
+def test_solver_rejects_unknown_kinds():
+  with pytest.raises(ValueError, match="'rk4'"):
+    samplers.Solver('rk4')

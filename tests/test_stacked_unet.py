@@ -16,8 +16,7 @@ from configs import instaflow_1_7b
 from instaflow_jax.convert.torch_names import (expected_params, flax_to_torch_state,
                                                torch_state_to_flax)
 from instaflow_jax.pipeline import Pipeline, init_params
-from instaflow_jax.models.stacked_unet import (StackedUNet, StackedUNetConfig, UNetHalf,
-                                               init_from_unet)
+from instaflow_jax.models.stacked_unet import StackedUNet, StackedUNetConfig, init_from_unet
 from instaflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tests import tiny_models
 from tests.test_pipeline import PROMPTS, reference_generate
@@ -29,7 +28,7 @@ THREE_LEVELS = dict(sample_size=8, in_channels=4, out_channels=4, block_out_chan
                     up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
                     layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
                     norm_num_groups=8)
-# (num_dropped_levels, keep_mid): every branch of UNetHalf.
+# (num_dropped_levels, keep_mid): every branch of a half's block selection.
 DROPS = [(0, True), (0, False), (1, True), (1, False)]
 SD15_PARAMS = 859_520_964
 
@@ -101,8 +100,8 @@ def test_matches_two_diffusers_unets_in_series(dropped, keep_mid):
 
 
 def test_without_removal_halves_are_the_unet():
-  """Both halves initialised from one U-Net: the first half is that U-Net, bit for bit,
-  and the stack is that U-Net applied twice."""
+  """Both halves initialised from one U-Net: the first half's params run in that U-Net give
+  its output bit for bit, and the stack is that U-Net applied twice."""
   unet_config = UNetConfig.from_diffusers_config(tiny_models.tiny_unet_config())
   unet = UNet2DConditionModel(unet_config)
   unet_params = init_params(unet, seed=0)
@@ -114,8 +113,7 @@ def test_without_removal_halves_are_the_unet():
 
   sample, timesteps, text = _inputs(unet_config)
   apply_unet = jax.jit(lambda x: unet.apply({'params': unet_params}, x, timesteps, text))
-  apply_half = jax.jit(lambda x: UNetHalf(config).apply({'params': params['unet_1']}, x,
-                                                        timesteps, text))
+  apply_half = jax.jit(lambda x: unet.apply({'params': params['unet_1']}, x, timesteps, text))
   once = apply_unet(sample)
   np.testing.assert_array_equal(np.asarray(apply_half(sample)), np.asarray(once))
   twice = jax.jit(stacked.apply)({'params': params}, sample, timesteps, text)

@@ -9,7 +9,8 @@ second one's input, both initialised from the same pretrained 2-RF U-Net:
 It also reports that removing the middle blocks of the stacked network, to save compute,
 did not cost quality. The exact block list of the released 1.7B model is not public (we
 have neither its config nor its code), so the removal here is a parameterised
-approximation, applied alike to both halves:
+approximation, applied alike to both halves, each a UNet2DConditionModel given these two
+fields:
 
   keep_mid=False          removes each half's mid block (resnet, transformer, resnet): the
                           down path feeds the up path directly.
@@ -40,7 +41,6 @@ import jax
 import jax.numpy as jnp
 
 from instaflow_jax.convert.torch_names import expected_params
-from instaflow_jax.models import layers
 from instaflow_jax.models import unet as unet_lib
 
 Dtype = Any
@@ -86,10 +86,6 @@ class StackedUNetConfig:
                      f'of {widths[-1]} (block_out_channels={widths}); set keep_mid=False')
 
   @property
-  def kept_levels(self) -> int:
-    return len(self.unet.block_out_channels) - self.num_dropped_levels
-
-  @property
   def in_channels(self) -> int:
     return self.unet.in_channels
 
@@ -120,69 +116,15 @@ class StackedUNetConfig:
             'num_dropped_levels': self.num_dropped_levels, 'keep_mid': self.keep_mid}
 
 
+def _half(config: StackedUNetConfig, **kw) -> unet_lib.UNet2DConditionModel:
+  """One U-Net of the stack: UNet2DConditionModel without the blocks `config` removes."""
+  return unet_lib.UNet2DConditionModel(config.unet, num_dropped_levels=config.num_dropped_levels,
+                                       keep_mid=config.keep_mid, **kw)
+
+
 def _example_inputs(config: StackedUNetConfig, batch_size: int):
-  """The U-Net's example inputs (a detached module: no child of the caller)."""
-  return unet_lib.UNet2DConditionModel(config.unet, parent=None).example_inputs(batch_size)
-
-
-class UNetHalf(nn.Module):
-  """One U-Net of the stack: UNet2DConditionModel without the blocks `config` removes.
-
-  With nothing removed, it is UNet2DConditionModel, parameter for parameter and op for op.
-  """
-  config: StackedUNetConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat_blocks: bool = False
-
-  @nn.compact
-  def __call__(self, sample: jax.Array, timesteps: jax.Array,
-               encoder_hidden_states: jax.Array) -> jax.Array:
-    cfg = self.config.unet
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block_kw = dict(config=cfg, remat=self.remat_blocks, **kw)
-    context = encoder_hidden_states
-    if cfg.center_input_sample:
-      sample = 2 * sample - 1.0
-
-    timesteps = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps, jnp.float32)), sample.shape[:1])
-    temb = unet_lib.timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                       cfg.freq_shift).astype(self.dtype)
-    temb = unet_lib.TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name='time_embedding',
-                                      **kw)(temb)
-
-    x = layers.conv(cfg.block_out_channels[0], 'conv_in', **kw)(sample)
-    skips = [x]
-    levels, kept = len(cfg.block_out_channels), self.config.kept_levels
-    heads = cfg.heads_per_block
-    for i in range(kept):
-      x, block_skips = unet_lib.DownBlock(
-          out_channels=cfg.block_out_channels[i],
-          heads=heads[i] if cfg.down_block_types[i] == unet_lib._CROSS_ATTN_DOWN else None,
-          add_downsample=i < kept - 1, name=f'down_blocks_{i}', **block_kw)(x, temb, context)
-      skips += block_skips
-
-    if self.config.keep_mid:
-      x = unet_lib.MidBlock(out_channels=cfg.block_out_channels[-1], heads=heads[-1],
-                            name='mid_block', **block_kw)(x, temb, context)
-
-    per_block = cfg.layers_per_block + 1
-    for i in range(self.config.num_dropped_levels, levels):
-      level = levels - 1 - i
-      block_skips, skips = skips[-per_block:], skips[:-per_block]
-      is_last = i == levels - 1
-      x = unet_lib.UpBlock(
-          out_channels=cfg.block_out_channels[level],
-          heads=heads[level] if cfg.up_block_types[i] == unet_lib._CROSS_ATTN_UP else None,
-          add_upsample=not is_last, name=f'up_blocks_{i}', **block_kw)(
-              x, block_skips, temb, context, None if is_last else skips[-1].shape[1:3])
-
-    x = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, 'conv_norm_out', **kw)(x)
-    x = layers.activation(cfg.act_fn)(x)
-    return layers.conv(cfg.out_channels, 'conv_out', **kw)(x)
-
-  def example_inputs(self, batch_size: int = 1) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    return _example_inputs(self.config, batch_size)
+  """A half's example inputs (a detached module: no child of the caller)."""
+  return _half(config, parent=None).example_inputs(batch_size)
 
 
 class StackedUNet(nn.Module):
@@ -196,8 +138,9 @@ class StackedUNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_blocks: bool = False
 
-  def half(self, name: str) -> UNetHalf:
-    return UNetHalf(self.config, self.dtype, self.param_dtype, self.remat_blocks, name=name)
+  def half(self, name: str) -> unet_lib.UNet2DConditionModel:
+    return _half(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                 remat_blocks=self.remat_blocks, name=name)
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array,
@@ -211,7 +154,7 @@ class StackedUNet(nn.Module):
 
 def _half_param_shapes(config: StackedUNetConfig):
   """{path: (shape, dtype)} of one half's params, computed abstractly."""
-  half = UNetHalf(config)
+  half = _half(config)
   return expected_params(jax.eval_shape(half.init, jax.random.key(0), *half.example_inputs()))
 
 

@@ -360,11 +360,20 @@ class UNet2DConditionModel(nn.Module):
   Computes in `dtype` (norm statistics and attention softmax in float32), keeps params
   in `param_dtype`. remat_blocks recomputes each resnet and transformer in the backward
   pass instead of storing its activations; parameter names do not change.
+
+  num_dropped_levels=k leaves out the k deepest resolution levels (their down blocks, up
+  blocks up_blocks_0..up_blocks_{k-1}, and the down-sampler that fed them); keep_mid=False
+  leaves out the mid block, the down path then feeding the up path directly. Kept blocks
+  keep their names (up_blocks keep their index) and their widths, so their params are
+  those of the full U-Net; the defaults are diffusers' U-Net. (Used by StackedUNet; the
+  kept widths only match the full U-Net's where StackedUNetConfig allows the removal.)
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_blocks: bool = False
+  num_dropped_levels: int = 0
+  keep_mid: bool = True
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array,
@@ -384,24 +393,27 @@ class UNet2DConditionModel(nn.Module):
     x = layers.conv(cfg.block_out_channels[0], 'conv_in', **kw)(sample)
     skips = [x]
     levels = len(cfg.block_out_channels)
+    kept = levels - self.num_dropped_levels
     heads = cfg.heads_per_block
-    for i, block_type in enumerate(cfg.down_block_types):
+    for i in range(kept):
       x, block_skips = DownBlock(
           out_channels=cfg.block_out_channels[i],
-          heads=heads[i] if block_type == _CROSS_ATTN_DOWN else None,
-          add_downsample=i < levels - 1, name=f'down_blocks_{i}', **block_kw)(x, temb, context)
+          heads=heads[i] if cfg.down_block_types[i] == _CROSS_ATTN_DOWN else None,
+          add_downsample=i < kept - 1, name=f'down_blocks_{i}', **block_kw)(x, temb, context)
       skips += block_skips
 
-    x = MidBlock(out_channels=cfg.block_out_channels[-1], heads=heads[-1], name='mid_block',
-                 **block_kw)(x, temb, context)
+    if self.keep_mid:
+      x = MidBlock(out_channels=cfg.block_out_channels[-1], heads=heads[-1], name='mid_block',
+                   **block_kw)(x, temb, context)
 
-    for i, block_type in enumerate(cfg.up_block_types):
+    per_block = cfg.layers_per_block + 1
+    for i in range(self.num_dropped_levels, levels):
       level = levels - 1 - i
-      block_skips, skips = skips[-(cfg.layers_per_block + 1):], skips[:-(cfg.layers_per_block + 1)]
+      block_skips, skips = skips[-per_block:], skips[:-per_block]
       is_last = i == levels - 1
       x = UpBlock(
           out_channels=cfg.block_out_channels[level],
-          heads=heads[level] if block_type == _CROSS_ATTN_UP else None,
+          heads=heads[level] if cfg.up_block_types[i] == _CROSS_ATTN_UP else None,
           add_upsample=not is_last, name=f'up_blocks_{i}', **block_kw)(
               x, block_skips, temb, context, None if is_last else skips[-1].shape[1:3])
 

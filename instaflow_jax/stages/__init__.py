@@ -6,12 +6,15 @@ import ml_collections
 from absl import logging
 
 from instaflow_jax.convert.torch_names import ConversionError
+from instaflow_jax.stages import pairs
 from instaflow_jax.stages import train_flow
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 
 STAGES = {
     'rf': train_flow.run_rf,
+    'pairs': pairs.run_pairs,
+    'reflow': train_flow.run_reflow,
 }
 
 # Errors that a user can fix (bad config, missing or corrupt inputs, divergence): main

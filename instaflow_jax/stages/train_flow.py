@@ -18,6 +18,7 @@ import numpy as np
 
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax.data import input as input_lib
+from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
@@ -107,21 +108,41 @@ def initial_unet_params(pipe: pipeline_lib.Pipeline, workdir: str, init: str, st
                                 what=f'{stage}: init')
 
 
-def run_rf(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
-  train_config = config.rf
+def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config):
+  """The stage's batches: images and captions, or (for reflow) the teacher's pairs."""
+  kwargs = dict(global_batch_size=train_config.batch_size, seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if not train_config.pairs:
+    return input_lib.create_input(input_config(config.data, config.data.train_split),
+                                  pipe.tokenizer, **kwargs)
+  pairs_dir = os.path.join(os.path.dirname(stage_dir), train_config.pairs)
+  data = pairs_lib.PairsInput(pairs_dir, **kwargs)
+  size = pipe.default_size // pipe.vae_scale_factor
+  pairs_lib.check_compatible(data.meta, (size, size, pipe.unet.config.in_channels),
+                             pipe.tokenizer.model_max_length, pairs_dir)
+  return data
+
+
+def train_flow_stage(config: ml_collections.ConfigDict, stage_dir: str,
+                     stage: str) -> Mapping[str, Any]:
+  """Stage 'rf' (independent noise) or 'reflow' (the teacher's coupled pairs)."""
+  train_config = config[stage]
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
-  data = input_lib.create_input(
-      input_config(config.data, config.data.train_split), pipe.tokenizer,
-      global_batch_size=train_config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  workdir = os.path.dirname(stage_dir)
-  params = loop.train(
-      train_config, stage_dir, stage='rf',
-      init_params=initial_unet_params(pipe, workdir, train_config.init, 'rf'),
+  init_params = initial_unet_params(pipe, os.path.dirname(stage_dir), train_config.init, stage)
+  data = training_input(config, stage_dir, pipe, train_config)
+  loop.train(
+      train_config, stage_dir, stage=stage, init_params=init_params,
       frozen=frozen_params(pipe), loss_fn=flow_matching_loss(pipe.modules, train_config),
       batches=data.batches,
       sample_fn=make_sample_fn(pipe, sample_prompts(config, train_config.num_samples),
                                train_config, config.seed),
       seed=config.seed)
-  del params
   return {'steps': train_config.steps, 'examples_per_epoch': len(data)}
+
+
+def run_rf(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
+  return train_flow_stage(config, stage_dir, 'rf')
+
+
+def run_reflow(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
+  return train_flow_stage(config, stage_dir, 'reflow')
