@@ -19,7 +19,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/shapes.py: unknown variant {arg!r}; use ':quick' or nothing")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ('rf', 'pairs', 'reflow') if quick else ('rf',)
+  c.stages = ('rf', 'pairs', 'reflow', 'distill') if quick else ('rf',)
 
   c.data = ml_collections.ConfigDict(dict(
       name='captioned_shapes/size16' if quick else 'captioned_shapes/size24',  # tfds name
@@ -78,6 +78,15 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   c.reflow = training_config(quick, steps=20 if quick else 1000)
   c.reflow.pairs = 'pairs'
   c.reflow.init = 'rf'
+
+  # The one-step student, distilled from the 2-RF teacher, which solves its (straight)
+  # ODE inside each step. Pixel space has no pretrained LPIPS trunk here (nothing can be
+  # downloaded), so the loss is pseudo-Huber on pixels, chosen explicitly.
+  c.distill = training_config(quick, steps=20 if quick else 1000)
+  c.distill.update(dict(
+      teacher='reflow', init='reflow', student_steps=1, teacher_steps=4 if quick else 8,
+      teacher_guidance=1.0, loss='pseudo_huber', loss_after='lpips', switch_step=-1,
+      lpips_net='vgg', lpips_trunk_path='', sample_steps=1))
   return c
 
 

@@ -24,7 +24,7 @@ class Killed(Exception):
   """Stands for the process dying between two steps."""
 
 
-def toy_loss(params, frozen, batch, rng):
+def toy_loss(params, frozen, batch, rng, step):
   prediction = batch['x'] @ params['w'] + frozen['bias']
   noise = 0.01 * jax.random.normal(rng, prediction.shape)  # uses the step's RNG
   return jnp.mean((prediction + noise - batch['y']) ** 2), {'w_norm': jnp.linalg.norm(params['w'])}
@@ -100,7 +100,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
 def test_gradient_accumulation_matches_the_full_batch():
   config = toy_config()
   batch, frozen = next(toy_batches(0)), {'bias': jnp.float32(0.5)}
-  mse = lambda p, f, b, rng: (jnp.mean((b['x'] @ p['w'] + f['bias'] - b['y']) ** 2), {})
+  mse = lambda p, f, b, rng, step: (jnp.mean((b['x'] @ p['w'] + f['bias'] - b['y']) ** 2), {})
   results = []
   for micro_batches in (1, 2, 4):
     state = loop.TrainState.create({'w': jnp.ones(4)}, loop.make_optimizer(config.optimizer, 10))

@@ -6,6 +6,7 @@ import ml_collections
 from absl import logging
 
 from instaflow_jax.convert.torch_names import ConversionError
+from instaflow_jax.stages import distill
 from instaflow_jax.stages import pairs
 from instaflow_jax.stages import train_flow
 from instaflow_jax.training import checkpoint
@@ -15,6 +16,7 @@ STAGES = {
     'rf': train_flow.run_rf,
     'pairs': pairs.run_pairs,
     'reflow': train_flow.run_reflow,
+    'distill': distill.run_distill,
 }
 
 # Errors that a user can fix (bad config, missing or corrupt inputs, divergence): main

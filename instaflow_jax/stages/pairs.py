@@ -49,8 +49,9 @@ def solver_of(config: ml_collections.ConfigDict) -> samplers.Solver:
 def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
   pairs_config = config.pairs
   workdir = os.path.dirname(stage_dir)
+  train_flow.stage_params_path(workdir, pairs_config.teacher, 'pairs.teacher')
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
-  teacher = train_flow.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs')
+  teacher = train_flow.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs.teacher')
   params = dict(pipe.params, unet=teacher)
   size = pipe.default_size // pipe.vae_scale_factor
   latent_shape = (size, size, pipe.unet.config.in_channels)

@@ -53,10 +53,11 @@ def drop_captions(embeds: jax.Array, null_embeds: jax.Array, probability: float,
 
 
 def flow_matching_loss(modules: pipeline_lib.PipelineModules, config: ml_collections.ConfigDict):
-  """loss_fn(params, frozen, batch, rng) for rectified-flow (and reflow) training."""
+  """loss_fn(params, frozen, batch, rng, step) for rectified-flow (and reflow) training."""
   time_config = config.time
 
-  def loss_fn(params, frozen, batch, rng):
+  def loss_fn(params, frozen, batch, rng, step):
+    del step  # the same loss at every step
     latent_rng, drop_rng, noise_rng, time_rng = jax.random.split(rng, 4)
     x1, embeds = model_inputs(modules, frozen, batch, latent_rng)
     embeds = drop_captions(embeds, frozen['null_embeds'], config.caption_dropout, drop_rng)
@@ -99,13 +100,22 @@ def make_sample_fn(pipe: pipeline_lib.Pipeline, prompts, train_config, seed: int
   return sample
 
 
-def initial_unet_params(pipe: pipeline_lib.Pipeline, workdir: str, init: str, stage: str):
+def stage_params_path(workdir: str, init: str, what: str) -> str:
+  """Where the params named by `init` are (a stage of this workdir, or a path), checked
+  to exist so that a missing teacher stops a stage before any compute."""
+  path = init if os.path.isabs(init) else os.path.join(workdir, init, loop.FINAL_PARAMS)
+  if not os.path.isdir(path):
+    raise checkpoint.CheckpointError(f'{what}: checkpoint {path} not found; run stage {init!r} '
+                                     'first or point the config at existing params')
+  return path
+
+
+def initial_unet_params(pipe: pipeline_lib.Pipeline, workdir: str, init: str, what: str):
   """The U-Net params a stage starts from: the base model's, or a finished stage's."""
   if not init:
     return pipe.unet_params
-  path = init if os.path.isabs(init) else os.path.join(workdir, init, loop.FINAL_PARAMS)
-  return checkpoint.load_params(path, checkpoint.abstract_like(pipe.unet_params),
-                                what=f'{stage}: init')
+  return checkpoint.load_params(stage_params_path(workdir, init, what),
+                                checkpoint.abstract_like(pipe.unet_params), what=what)
 
 
 def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config):
@@ -128,7 +138,8 @@ def train_flow_stage(config: ml_collections.ConfigDict, stage_dir: str,
   """Stage 'rf' (independent noise) or 'reflow' (the teacher's coupled pairs)."""
   train_config = config[stage]
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
-  init_params = initial_unet_params(pipe, os.path.dirname(stage_dir), train_config.init, stage)
+  init_params = initial_unet_params(pipe, os.path.dirname(stage_dir), train_config.init,
+                                    f'{stage}.init')
   data = training_input(config, stage_dir, pipe, train_config)
   loop.train(
       train_config, stage_dir, stage=stage, init_params=init_params,

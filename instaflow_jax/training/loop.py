@@ -1,6 +1,6 @@
 """The training loop every stage runs: jitted step, metrics, sample grids, checkpoints.
 
-A stage supplies a loss `loss_fn(params, frozen, batch, rng) -> (loss, aux_metrics)`,
+A stage supplies a loss `loss_fn(params, frozen, batch, rng, step) -> (loss, aux_metrics)`,
 the frozen networks' params, and the batch at each step; the loop owns the rest:
 resuming from the latest checkpoint, the RNG of step k (fold_in(seed, k)), NaN checks,
 periodic sample grids, SIGTERM, and the final params the next stage reads.
@@ -26,7 +26,7 @@ from instaflow_jax.training import checkpoint
 from instaflow_jax.training.state import TrainState
 from instaflow_jax.training.state import make_optimizer
 
-LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array], Any]
+LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, jax.Array], Any]
 DONE_FILE = 'DONE'
 FINAL_PARAMS = 'params'
 
@@ -59,24 +59,24 @@ def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1
   whose gradients are averaged, so one step is always one optimizer update."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def loss_and_grads(params, frozen, batch, rng):
+  def loss_and_grads(params, frozen, batch, rng, step):
     if grad_accum_steps == 1:
-      return grad_fn(params, frozen, batch, rng)
+      return grad_fn(params, frozen, batch, rng, step)
 
     def micro_step(total, inputs):
       micro_batch, micro_rng = inputs
-      out = grad_fn(params, frozen, micro_batch, micro_rng)
+      out = grad_fn(params, frozen, micro_batch, micro_rng, step)
       return jax.tree.map(jnp.add, total, out), None
 
     micro_batches = _split_micro_batches(batch, grad_accum_steps)
     rngs = jax.random.split(rng, grad_accum_steps)
-    first = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], micro_batches), rngs[0])
+    first = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], micro_batches), rngs[0], step)
     total, _ = jax.lax.scan(micro_step, first,
                             (jax.tree.map(lambda x: x[1:], micro_batches), rngs[1:]))
     return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
   def train_step(state: TrainState, frozen, batch, rng):
-    (loss, aux), grads = loss_and_grads(state.params, frozen, batch, rng)
+    (loss, aux), grads = loss_and_grads(state.params, frozen, batch, rng, state.step)
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
     return state.apply_gradients(grads, ema_decay), metrics
 

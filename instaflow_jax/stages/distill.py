@@ -1,0 +1,122 @@
+"""Stage 'distill': a student that maps noise to image in k Euler steps (InstaFlow: k=1).
+
+The student starts from the 2-RF and is trained so that its k-step Euler solution from X0
+(one step: X0 + v(X0, time input 1000)) matches X1, the frozen teacher's ODE solution from
+the same X0 with the same text. X1 is computed inside the step by the teacher (an N-step
+Euler solve with guidance w), or read from a pairs stage (`distill.pairs`).
+
+Losses: 'l2' and 'pseudo_huber' on latents, 'lpips' on decoded images, 'lpips_huber'
+(LPIPS + pseudo-Huber, 2-RF++); `loss` is used until `switch_step`, then `loss_after`
+(the released InstaFlow-0.9B: L2, then LPIPS). LPIPS needs pretrained trunk weights
+(`lpips_trunk_path`); there is no fallback.
+"""
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax.flow import rectified_flow
+from instaflow_jax.flow import samplers
+from instaflow_jax.stages import train_flow
+from instaflow_jax.training import loop
+
+LATENT_LOSSES = ('l2', 'pseudo_huber')
+IMAGE_LOSSES = ('lpips', 'lpips_huber')
+
+
+def _losses_used(config) -> tuple:
+  used = (config.loss,) + ((config.loss_after,) if config.switch_step >= 0 else ())
+  for kind in used:
+    if kind not in LATENT_LOSSES + IMAGE_LOSSES:
+      raise ValueError(f'distill loss {kind!r} is unknown; use one of '
+                       f'{LATENT_LOSSES + IMAGE_LOSSES}')
+  return used
+
+
+def load_lpips_if_needed(config):
+  """(module, params) of LPIPS when a loss needs it; fails before any compute otherwise."""
+  if not set(_losses_used(config)) & set(IMAGE_LOSSES):
+    return None, None
+  from instaflow_jax.convert import lpips_weights
+  return lpips_weights.load_lpips(config.lpips_net, trunk_path=config.lpips_trunk_path or None)
+
+
+def student_sample(modules, params, x0, embeds, num_steps: int):
+  """The student's k-step Euler solution from X0 (no guidance: the student is distilled
+  from a guided teacher and is used at guidance 1)."""
+  velocity = samplers.conditional_velocity(
+      lambda x, t, e: modules.unet.apply({'params': params}, x, t, e), embeds)
+  return samplers.euler_sample(velocity, x0, num_steps)
+
+
+def teacher_target(modules, frozen, x0, embeds, config):
+  """X1 = the teacher's ODE solution from X0 with guidance w (no gradient)."""
+  guided = rectified_flow.uses_guidance(config.teacher_guidance)
+  uncond = jnp.broadcast_to(frozen['null_embeds'], embeds.shape) if guided else None
+  velocity = samplers.conditional_velocity(
+      lambda x, t, e: modules.unet.apply({'params': frozen['teacher']}, x, t, e), embeds,
+      uncond, config.teacher_guidance)
+  return jax.lax.stop_gradient(samplers.euler_sample(velocity, x0, config.teacher_steps))
+
+
+def distillation_loss(modules, config, lpips_module=None):
+  """loss_fn(params, frozen, batch, rng, step) of the student."""
+  def per_example(kind, frozen, prediction, target):
+    if kind in LATENT_LOSSES:
+      return rectified_flow.per_example_loss(prediction, target, kind)
+    to_lpips = lambda z: pipeline_lib.decode_to_images(modules, frozen, z) * 2.0 - 1.0
+    distance = lpips_module.apply({'params': frozen['lpips']}, to_lpips(prediction),
+                                  to_lpips(target))
+    if kind == 'lpips_huber':
+      distance = distance + rectified_flow.per_example_loss(prediction, target, 'pseudo_huber')
+    return distance
+
+  def loss_fn(params, frozen, batch, rng, step):
+    latent_rng, noise_rng = jax.random.split(rng)
+    if 'latents' in batch and 'x0' in batch:  # stored pairs
+      x0, x1 = batch['x0'], batch['latents']
+      embeds = pipeline_lib.encode_text(modules, frozen, batch['input_ids'])
+    else:
+      reference, embeds = train_flow.model_inputs(modules, frozen, batch, latent_rng)
+      x0 = jax.random.normal(noise_rng, reference.shape, reference.dtype)
+      x1 = teacher_target(modules, frozen, x0, embeds, config)
+    prediction = student_sample(modules, params, x0, embeds, config.student_steps)
+    if config.switch_step < 0:
+      losses = per_example(config.loss, frozen, prediction, x1)
+    else:
+      losses = jax.lax.cond(step < config.switch_step,
+                            lambda: per_example(config.loss, frozen, prediction, x1),
+                            lambda: per_example(config.loss_after, frozen, prediction, x1))
+    return jnp.mean(losses), {'student_l2': jnp.mean(jnp.square(prediction - x1))}
+
+  return loss_fn
+
+
+def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
+  distill_config = config.distill
+  workdir = os.path.dirname(stage_dir)
+  # Everything that can be missing is checked before the first compile.
+  train_flow.stage_params_path(workdir, distill_config.teacher, 'distill.teacher')
+  if distill_config.init:
+    train_flow.stage_params_path(workdir, distill_config.init, 'distill.init')
+  lpips_module, lpips_params = load_lpips_if_needed(distill_config)
+  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
+  teacher = train_flow.initial_unet_params(pipe, workdir, distill_config.teacher,
+                                           'distill.teacher')
+  student = train_flow.initial_unet_params(pipe, workdir, distill_config.init, 'distill.init')
+  frozen = dict(train_flow.frozen_params(pipe), teacher=teacher)
+  if lpips_module is not None:
+    frozen['lpips'] = lpips_params
+  data = train_flow.training_input(config, stage_dir, pipe, distill_config)
+  loop.train(
+      distill_config, stage_dir, stage='distill', init_params=student, frozen=frozen,
+      loss_fn=distillation_loss(pipe.modules, distill_config, lpips_module),
+      batches=data.batches,
+      sample_fn=train_flow.make_sample_fn(
+          pipe, train_flow.sample_prompts(config, distill_config.num_samples), distill_config,
+          config.seed),
+      seed=config.seed)
+  return {'steps': distill_config.steps, 'student_steps': distill_config.student_steps}
