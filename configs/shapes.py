@@ -60,14 +60,15 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   ))
 
   c.rf = training_config(quick, steps=30 if quick else 1000)
+  c.rf.sample_guidance = 3.0        # the grid with classifier-free guidance (trained with dropout)
 
   # The teacher (1-RF) integrates its ODE from noise to images: the coupled pairs.
   c.pairs = ml_collections.ConfigDict(dict(
       teacher='rf',                 # a stage of this workdir (its final params), or a path
       split='train',                # the prompts
       num_pairs=64 if quick else 4096,
-      shard_size=32 if quick else 512,
-      batch_size=32 if quick else 128,
+      shard_size=8 if quick else 512,
+      batch_size=8 if quick else 128,
       solver='euler',               # or 'dopri5' (adaptive; rtol/atol)
       num_steps=4 if quick else 25,
       rtol=1e-3, atol=1e-3,

@@ -1,5 +1,5 @@
 """Test set-up: JAX on the CPU in float32 with a shared compilation cache, one prepared
-copy of the captioned-shapes dataset for the whole session."""
+copy of the captioned-shapes dataset and one run of the quick chain for the session."""
 import os
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,3 +18,14 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 def tfds_dir(tmp_path_factory):
   """A tfds data_dir shared by the tests that run main on configs/shapes.py:quick."""
   return str(tmp_path_factory.mktemp('tensorflow_datasets'))
+
+
+@pytest.fixture(scope='session')
+def quick_chain(tmp_path_factory, tfds_dir):
+  """One uninterrupted run of configs/shapes.py:quick through every stage: the reference
+  that the resume, stage and bad-input tests compare against and start from."""
+  from tests import runs
+  workdir = str(tmp_path_factory.mktemp('quick_chain'))
+  result = runs.run_main(workdir, tfds_dir, stages=runs.CHAIN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

@@ -2,27 +2,16 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from configs import shapes
+from instaflow_jax import stages
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK_RF = ['--config=configs/shapes.py:quick', '--config.stages=("rf",)']
-
-
-def main_command(workdir, tfds_dir, *extra):
-  return [sys.executable, '-m', 'instaflow_jax.main', *QUICK_RF, f'--workdir={workdir}',
-          f'--config.data.data_dir={tfds_dir}', *extra]
-
-
-def run_main(workdir, tfds_dir, *extra, timeout=600):
-  return subprocess.run(main_command(workdir, tfds_dir, *extra), cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout)
+from tests import runs
 
 
 def final_params(stage_dir):
@@ -34,18 +23,21 @@ def final_params(stage_dir):
   return checkpoint.load_params(path, abstract)
 
 
-@pytest.fixture(scope='module')
-def quick_run(tmp_path_factory, tfds_dir):
-  """One uninterrupted run of the quick config: the reference for the tests below."""
-  workdir = str(tmp_path_factory.mktemp('quick'))
-  result = run_main(workdir, tfds_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+def flat(tree):
+  import jax
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return [jax.tree_util.keystr(p) for p, _ in leaves], [np.asarray(x) for _, x in leaves]
 
 
-def test_quick_run_writes_checkpoints_metrics_and_sample_grids(quick_run):
-  workdir, _ = quick_run
-  stage_dir = os.path.join(workdir, 'rf')
+def quick_config(tfds_dir, *stage_names):
+  config = shapes.get_config('quick')
+  config.data.data_dir = tfds_dir
+  config.stages = stage_names
+  return config
+
+
+def test_quick_run_writes_checkpoints_metrics_and_sample_grids(quick_chain):
+  stage_dir = os.path.join(quick_chain, 'rf')
   assert loop.is_complete(stage_dir)
   assert os.path.isfile(os.path.join(stage_dir, 'config.json'))
   assert sorted(os.listdir(os.path.join(stage_dir, 'checkpoints'))) == ['20', '30']
@@ -57,17 +49,16 @@ def test_quick_run_writes_checkpoints_metrics_and_sample_grids(quick_run):
   assert final_params(stage_dir)
 
 
-def test_a_complete_stage_is_skipped(quick_run, tfds_dir):
-  workdir, _ = quick_run
-  result = run_main(workdir, tfds_dir)
+def test_a_complete_stage_is_skipped(quick_chain, tfds_dir):
+  result = runs.run_main(quick_chain, tfds_dir)
   assert result.returncode == 0
   assert 'stage rf: already complete' in result.stderr
 
 
-def test_resume_after_sigkill_is_exact(quick_run, tfds_dir, tmp_path):
-  reference_dir = os.path.join(quick_run[0], 'rf')
+def test_resume_after_sigkill_is_exact(quick_chain, tfds_dir, tmp_path):
+  reference_dir = os.path.join(quick_chain, 'rf')
   workdir = str(tmp_path / 'killed')
-  process = subprocess.Popen(main_command(workdir, tfds_dir), cwd=REPO,
+  process = subprocess.Popen(runs.main_command(workdir, tfds_dir), cwd=runs.REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first_checkpoint = os.path.join(workdir, 'rf', 'checkpoints', '10', 'commit_success.txt')
   deadline = time.time() + 600
@@ -78,7 +69,7 @@ def test_resume_after_sigkill_is_exact(quick_run, tfds_dir, tmp_path):
   process.wait()
   assert not loop.is_complete(os.path.join(workdir, 'rf')), 'the run ended before the kill'
 
-  result = run_main(workdir, tfds_dir)
+  result = runs.run_main(workdir, tfds_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'rf: resumed from step' in result.stderr
   reference_paths, reference = flat(final_params(reference_dir))
@@ -92,28 +83,29 @@ def test_resume_after_sigkill_is_exact(quick_run, tfds_dir, tmp_path):
   assert resumed_losses == reference_losses
 
 
-def flat(tree):
-  import jax
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return [jax.tree_util.keystr(p) for p, _ in leaves], [np.asarray(x) for _, x in leaves]
-
-
 @pytest.mark.parametrize('extra,message', [
     (['--config.rf.stepz=3'], 'error: config override names an unknown field: stepz'),
     (['--config.rf.steps=many'], "error: flag --config.rf.steps=many: invalid literal for int()"),
-    (['--config.data.name=no_such_dataset'], "error: tfds dataset 'no_such_dataset' not found"),
-    (['--config.stages=("rf","paint")'], "error: config.stages names unknown stage 'paint'"),
 ])
-def test_bad_input_fails_in_one_line(tfds_dir, tmp_path, extra, message):
-  result = run_main(str(tmp_path / 'w'), tfds_dir, *extra)
+def test_bad_config_fails_in_one_line(tfds_dir, tmp_path, extra, message):
+  result = runs.run_main(str(tmp_path / 'w'), tfds_dir, *extra)
   assert result.returncode != 0
-  last_line = result.stderr.strip().splitlines()[-1]
-  assert last_line.startswith(message), result.stderr[-2000:]
+  assert runs.last_line(result).startswith(message), result.stderr[-2000:]
 
 
 def test_read_only_workdir_fails_in_one_line(tfds_dir):
-  result = run_main('/sys/instaflow_jax_workdir', tfds_dir)
+  result = runs.run_main('/sys/instaflow_jax_workdir', tfds_dir)
   assert result.returncode != 0
-  assert result.stderr.strip().splitlines()[-1] == (
+  assert runs.last_line(result) == (
       "error: workdir '/sys/instaflow_jax_workdir' is not writable (Operation not permitted); "
       'choose another --workdir')
+
+
+def test_unknown_dataset_and_stage_are_named(tfds_dir, tmp_path):
+  config = quick_config(tfds_dir, 'rf')
+  config.data.name = 'no_such_dataset'
+  with pytest.raises(ValueError, match="tfds dataset 'no_such_dataset' not found"):
+    stages.run_all(config, str(tmp_path))
+  with pytest.raises(ValueError, match="config.stages names unknown stage 'paint'"):
+    stages.run_all(quick_config(tfds_dir, 'rf', 'paint'), str(tmp_path))
+  assert isinstance(ValueError('x'), stages.USER_ERRORS)

@@ -1,0 +1,98 @@
+"""The InstaFlow stages on configs/shapes.py:quick: pairs, reflow and distill."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from array_record.python import array_record_data_source
+from flax import serialization
+
+from instaflow_jax import stages
+from instaflow_jax.data import pairs as pairs_lib
+from instaflow_jax.training import checkpoint
+from instaflow_jax.training import loop
+from tests import runs
+from tests.test_main import quick_config
+
+
+def read_pairs(pairs_dir):
+  meta = pairs_lib.read_meta(pairs_dir)
+  source = array_record_data_source.ArrayRecordDataSource(
+      pairs_lib.complete_shards(pairs_dir, meta['num_shards']))
+  return [serialization.msgpack_restore(source[i]) for i in range(len(source))]
+
+
+def test_chain_completes_every_stage(quick_chain):
+  for stage in runs.CHAIN:
+    assert loop.is_complete(os.path.join(quick_chain, stage)), stage
+  records = read_pairs(os.path.join(quick_chain, 'pairs'))
+  assert [int(r['index']) for r in records] == list(range(64))
+  assert records[0]['x0'].shape == records[0]['x1'].shape == (16, 16, 3)
+  assert not np.allclose(records[0]['x0'], records[0]['x1'])
+  for stage in ('reflow', 'distill'):
+    losses = [r['loss'] for r in loop.read_metrics(os.path.join(quick_chain, stage)) if 'loss' in r]
+    assert losses and all(np.isfinite(losses)), stage
+    assert os.listdir(os.path.join(quick_chain, stage, 'samples'))
+
+
+def _shards(workdir):
+  pairs_dir = os.path.join(workdir, 'pairs')
+  if not os.path.isdir(pairs_dir):
+    return []
+  return [f for f in os.listdir(pairs_dir) if f.endswith('.array_record')]
+
+
+def test_pairs_resume_after_sigkill_is_complete_and_identical(quick_chain, tfds_dir, tmp_path):
+  workdir = str(tmp_path / 'killed')
+  shutil.copytree(os.path.join(quick_chain, 'rf'), os.path.join(workdir, 'rf'))
+  process = subprocess.Popen(runs.main_command(workdir, tfds_dir, stages=('pairs',)),
+                             cwd=runs.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while len(_shards(workdir)) < 2 and process.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert 2 <= len(_shards(workdir)) < 8, 'the kill did not land in the middle of the stage'
+
+  result = runs.run_main(workdir, tfds_dir, stages=('pairs',))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not [f for f in os.listdir(os.path.join(workdir, 'pairs')) if f.endswith('.tmp')]
+  expected = read_pairs(os.path.join(quick_chain, 'pairs'))
+  got = read_pairs(os.path.join(workdir, 'pairs'))
+  assert [int(r['index']) for r in got] == list(range(64))
+  for want, have in zip(expected, got):
+    for key in ('x0', 'x1', 'input_ids'):
+      np.testing.assert_array_equal(have[key], want[key])
+
+
+def test_pairs_from_another_teacher_shape_are_refused(quick_chain, tfds_dir, tmp_path):
+  shutil.copytree(os.path.join(quick_chain, 'pairs'), str(tmp_path / 'pairs'))
+  config = quick_config(tfds_dir, 'reflow')
+  config.model.unet.sample_size = 8
+  config.reflow.init = ''
+  with pytest.raises(ValueError, match=r'have latents of shape \(16, 16, 3\) but the model takes '
+                                       r'\(8, 8, 3\): they come from a different teacher'):
+    stages.run_all(config, str(tmp_path))
+
+
+def test_distill_without_its_teacher_fails_before_compute(tfds_dir, tmp_path):
+  started = time.time()
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f"distill.teacher: checkpoint {tmp_path}/reflow/params not found; "
+                           "run stage 'reflow' first"):
+    stages.run_all(quick_config(tfds_dir, 'distill'), str(tmp_path))
+  assert time.time() - started < 5
+
+
+def test_lpips_without_trunk_weights_fails_before_compute(quick_chain, tfds_dir, tmp_path):
+  shutil.copytree(os.path.join(quick_chain, 'reflow'), str(tmp_path / 'reflow'))
+  config = quick_config(tfds_dir, 'distill')
+  config.distill.loss = 'lpips'
+  started = time.time()
+  with pytest.raises(Exception, match='LPIPS needs pretrained vgg trunk weights: pass trunk_path='):
+    stages.run_all(config, str(tmp_path))
+  assert time.time() - started < 5
