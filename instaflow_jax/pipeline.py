@@ -72,6 +72,9 @@ class Pipeline:
     In both cases the U-Net computes in `compute_dtype`, with float32 params.
     """
     compute_dtype = jnp.dtype(config.compute_dtype)
+    if config.get('unet_kind', 'unet') != 'unet':
+      raise ValueError(f'model.unet_kind={config.unet_kind!r}: only a single U-Net is built by '
+                       'the stages so far (the stacked model is in models/stacked_unet.py)')
     if config.source == 'diffusers':
       if not config.diffusers_path:
         raise ValueError('model.diffusers_path is empty: give the diffusers folder, e.g. '

@@ -8,6 +8,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Subprocesses (main runs) inherit it: repeated runs of a config compile once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_REPO, '.cache', 'jax'))
 
+# torch's triton segfaults when it is first imported after TensorFlow in the same process
+# (seen with tensorflow-cpu 2.21 and torch 2.14.1); tests mix both, so triton goes first.
+import triton  # noqa: E402,F401
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -218,7 +218,7 @@ def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
   c = instaflow_1_7b.get_config()
   assert c.stages == ('distill',) and c.model.unet_kind == 'stacked'
   assert (c.distill.teacher, c.distill.init, c.distill.loss) == ('reflow', 'reflow', 'l2')
-  assert 0 < c.distill.lpips_switch_step < c.distill.steps
+  assert 0 < c.distill.switch_step < c.distill.steps and c.distill.loss_after == "lpips"
   counts = {}
   for dropped, keep_mid in [(c.model.stacked.num_dropped_levels, c.model.stacked.keep_mid),
                             (0, False), (1, False)]:

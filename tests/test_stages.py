@@ -96,3 +96,24 @@ def test_lpips_without_trunk_weights_fails_before_compute(quick_chain, tfds_dir,
   with pytest.raises(Exception, match='LPIPS needs pretrained vgg trunk weights: pass trunk_path='):
     stages.run_all(config, str(tmp_path))
   assert time.time() - started < 5
+
+
+def test_rf_fine_tunes_a_diffusers_pipeline_in_latent_space(tfds_dir, tmp_path):
+  """configs/sd15_rf.py on a tiny random SD-like folder: VAE latents, CLIP tokenizer, bf16
+  compute with float32 master weights, rematerialised U-Net blocks, guided sample grids."""
+  from configs import sd15_rf
+  from tests import tiny_models
+  folder = str(tmp_path / 'tiny_sd')
+  tiny_models.write_tiny_pipeline(folder)
+  config = sd15_rf.get_config(folder)
+  config.data.update(dict(name='captioned_shapes/size16', data_dir=tfds_dir,
+                          train_split='train[:64]', eval_split='validation',
+                          caption_key='caption', image_size=16))
+  config.rf.update(dict(steps=4, batch_size=4, log_every=2, checkpoint_every=2, sample_every=4,
+                        num_samples=2, sample_steps=2, sample_guidance=1.5))
+  stages.run_all(config, str(tmp_path / 'work'))
+  stage_dir = str(tmp_path / 'work' / 'rf')
+  assert loop.is_complete(stage_dir)
+  losses = [r['loss'] for r in loop.read_metrics(stage_dir) if 'loss' in r]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  assert os.listdir(os.path.join(stage_dir, 'samples')) == ['step_000004.png']

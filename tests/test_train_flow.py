@@ -1,0 +1,24 @@
+"""Pieces of the flow-matching loss: cached inputs and caption dropout."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instaflow_jax.stages import train_flow
+
+
+def test_cached_latents_and_embeddings_skip_the_frozen_networks():
+  batch = {'latents': jnp.ones((2, 4, 4, 3)), 'text_embeds': jnp.full((2, 5, 8), 2.0)}
+  # No modules and no frozen params: anything but the cached arrays would fail.
+  x1, embeds = train_flow.model_inputs(None, None, batch, jax.random.key(0))
+  assert x1 is batch['latents'] and embeds is batch['text_embeds']
+
+
+def test_caption_dropout_replaces_whole_captions_at_its_rate():
+  embeds = jnp.ones((4000, 3, 2))
+  null = jnp.zeros((1, 3, 2))
+  dropped = train_flow.drop_captions(embeds, null, 0.25, jax.random.key(0))
+  per_example = np.asarray(dropped).reshape(4000, -1)
+  assert set(np.unique(per_example.mean(axis=1))) == {0.0, 1.0}  # all or nothing
+  assert abs((per_example.mean(axis=1) == 0).mean() - 0.25) < 0.03
+  np.testing.assert_array_equal(train_flow.drop_captions(embeds, null, 0.0, jax.random.key(1)),
+                                embeds)
