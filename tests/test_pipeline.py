@@ -42,7 +42,7 @@ def reference_generate(parts, prompts, latents_nhwc, num_steps, guidance_scale, 
   if guided:
     uncond = _torch_embeds(parts, negative if negative is not None else [''] * len(prompts))
     embeds = torch.cat([uncond, embeds])
-  latents = torch.from_numpy(np.asarray(latents_nhwc)).permute(0, 3, 1, 2)
+  latents = torch.from_numpy(np.array(latents_nhwc)).permute(0, 3, 1, 2)
   dt = 1.0 / num_steps
   for t in [(1.0 - i / num_steps) * 1000.0 for i in range(num_steps)]:
     model_input = torch.cat([latents] * 2) if guided else latents

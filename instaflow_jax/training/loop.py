@@ -77,7 +77,7 @@ def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1
 
   def train_step(state: TrainState, frozen, batch, rng):
     (loss, aux), grads = loss_and_grads(state.params, frozen, batch, rng, state.step)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
     return state.apply_gradients(grads, ema_decay), metrics
 
   return jax.jit(train_step, donate_argnums=0)
