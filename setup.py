@@ -25,7 +25,7 @@ setup(
     install_requires=[
         'jax>=0.7',
         'flax>=0.10',
-        'optax',
+        'optax>=0.2.5',  # optax.tree.norm
         'orbax-checkpoint',
         'transformers>=4.40',
         'safetensors',
