@@ -108,4 +108,3 @@ def test_unknown_dataset_and_stage_are_named(tfds_dir, tmp_path):
     stages.run_all(config, str(tmp_path))
   with pytest.raises(ValueError, match="config.stages names unknown stage 'paint'"):
     stages.run_all(quick_config(tfds_dir, 'rf', 'paint'), str(tmp_path))
-  assert isinstance(ValueError('x'), stages.USER_ERRORS)
