@@ -97,9 +97,30 @@ def test_dopri5_counts_its_evaluations_and_solves_accurately():
     return -x * (1.0 + s)
 
   x0 = jnp.array([1.0, -2.0, 0.5])
-  x1, nfe = samplers.integrate(velocity, x0, samplers.Solver('dopri5', rtol=1e-6, atol=1e-6))
+  x1, nfe, straightness = samplers.integrate(velocity, x0,
+                                             samplers.Solver('dopri5', rtol=1e-6, atol=1e-6))
+  assert np.isnan(straightness).all()  # defined on uniform Euler steps only
   np.testing.assert_allclose(x1, x0 * np.exp(-1.5), rtol=1e-5)
   assert int(nfe) == len(calls) > 7
+
+
+def test_straightness_is_the_mean_deviation_from_the_chord():
+  x0 = jax.random.normal(jax.random.key(0), (3, 4, 2))
+  weights = jax.random.normal(jax.random.key(1), (2, 2))
+  velocity = lambda x, s: x @ weights * (1.0 + s)  # curved: depends on x and s
+  x1, nfe, straightness = samplers.integrate(velocity, x0, samplers.Solver('euler', 5))
+  # By hand: the trajectory, then mean_i ||(X1 - X0) - v_i||^2 per element.
+  x, velocities = np.asarray(x0, np.float64), []
+  for i in range(5):
+    velocities.append(np.asarray(velocity(jnp.asarray(x, jnp.float32), i / 5), np.float64))
+    x = x + velocities[-1] / 5
+  chord = x - np.asarray(x0, np.float64)
+  expected = np.mean([np.mean((chord - v) ** 2, axis=(1, 2)) for v in velocities], axis=0)
+  np.testing.assert_allclose(x1, x, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(straightness, expected, rtol=1e-4, atol=1e-7)
+  assert int(nfe) == 5 and expected.min() > 1e-3
+  straight = lambda x, s: jnp.ones_like(x)
+  assert np.abs(samplers.integrate(straight, x0, samplers.Solver('euler', 5))[2]).max() < 1e-6
 
 
 def test_solver_rejects_unknown_kinds():
