@@ -20,6 +20,23 @@ def make_grid(images: np.ndarray, columns: int = None, pad: int = 1) -> np.ndarr
   return grid
 
 
+def labelled_rows(rows, upscale: int = 1, label_width: int = 150, pad: int = 2) -> np.ndarray:
+  """[(label, images [N, H, W, 3] in [0, 1]), ...] -> one image: a row of images per label,
+  enlarged `upscale` times (nearest), with the label written to the left of its row."""
+  from PIL import ImageDraw
+  strips = [make_grid(np.asarray(images).repeat(upscale, 1).repeat(upscale, 2),
+                      columns=len(images), pad=pad) for _, images in rows]
+  height, width = strips[0].shape[:2]
+  canvas = np.ones((height * len(strips), label_width + width, 3), np.float32)
+  for r, strip in enumerate(strips):
+    canvas[r * height:(r + 1) * height, label_width:label_width + strip.shape[1]] = strip
+  picture = Image.fromarray(to_uint8(canvas))
+  draw = ImageDraw.Draw(picture)
+  for r, (label, _) in enumerate(rows):
+    draw.text((4, r * height + height // 2 - 6), label, fill=(0, 0, 0))
+  return np.asarray(picture, np.float32) / 255.0
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
   return (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 

@@ -16,7 +16,10 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data.tokenizer import WordTokenizer
@@ -29,8 +32,15 @@ from instaflow_jax.models.pixel_space import IdentityAutoencoder
 from instaflow_jax.models.pixel_space import IdentityConfig
 from instaflow_jax.models.unet import UNet2DConditionModel
 from instaflow_jax.models.unet import UNetConfig
+from instaflow_jax.training import checkpoint
 
 Prompts = Union[str, Sequence[str]]
+
+# The stages whose final params are a U-Net, the latest of the recipe first.
+TRAINED_STAGES = ('distill', 'reflow', 'rf')
+STAGE_CONFIG = 'config.json'
+# Bad input (a path, a file, a config) rather than a bug: command lines report it in one line.
+LOAD_ERRORS = (ValueError, OSError, checkpoint.CheckpointError)
 
 
 def _as_list(prompts: Prompts) -> list:
@@ -99,6 +109,14 @@ class Pipeline:
                text_encoder=text_encoder,
                text_encoder_params=init_params(text_encoder, config.text_seed),
                tokenizer=tokenizer)
+
+  @classmethod
+  def from_checkpoint(cls, trained: 'TrainedParams') -> 'Pipeline':
+    """The model that a stage's config.json describes, with the stage's trained U-Net
+    params (`trained` comes from find_trained_params)."""
+    pipe = cls.from_config(trained.model_config())
+    return dataclasses.replace(pipe, unet_params=trained.load(
+        checkpoint.abstract_like(pipe.unet_params)))
 
   @property
   def vae_scale_factor(self) -> int:
@@ -182,6 +200,95 @@ class Pipeline:
     components['tokenizer'] = ('transformers', 'CLIPTokenizer')
     diffusers_io.write_json(os.path.join(path, diffusers_io.MODEL_INDEX),
                             diffusers_io.model_index_for(components, base))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedParams:
+  """Where the U-Net params of one of our training stages are, and its config.json."""
+  config_path: str
+  params_path: str  # a final params/ directory, or a checkpoints/STEP directory
+  state_key: str = ''  # for checkpoints/STEP: 'ema_params' or 'params' of the train state
+
+  def model_config(self) -> ml_collections.ConfigDict:
+    """The `model` section of the stage's config.json: what Pipeline.from_config builds."""
+    config = diffusers_io.read_json(self.config_path)
+    if not isinstance(config.get('model'), dict):
+      raise ValueError(f'{self.config_path}: no model section; not the config.json of a stage')
+    return ml_collections.ConfigDict(config['model'])
+
+  def load(self, abstract_params):
+    if not self.state_key:
+      return checkpoint.load_params(self.params_path, abstract_params)
+    return _train_state_params(self.params_path, self.state_key, abstract_params)
+
+
+def find_trained_params(path: str, stage: str = '', params: str = 'ema') -> TrainedParams:
+  """Finds (without loading anything) the params of one of our training stages.
+
+  path: a workdir (its stage `stage`, or else its latest finished stage of TRAINED_STAGES),
+  a stage directory or its final params/ (the EMA params), or one of its checkpoints/STEP
+  directories (the EMA params, or the raw ones with params='raw').
+  """
+  from instaflow_jax.training import loop  # imports clu and TensorFlow: only when needed
+  if params not in ('ema', 'raw'):
+    raise ValueError(f"params={params!r}: use 'ema' or 'raw'")
+  if stage and stage not in TRAINED_STAGES:
+    raise ValueError(f'stage {stage!r} has no U-Net params; use one of {TRAINED_STAGES}')
+  path = os.path.abspath(os.path.join(path, stage))
+  if not os.path.isdir(path):
+    raise checkpoint.CheckpointError(f'{path}: directory not found')
+  if any(os.path.isfile(os.path.join(path, s, STAGE_CONFIG)) for s in TRAINED_STAGES):
+    path = _latest_finished_stage(path, loop)
+  if os.path.isfile(os.path.join(path, STAGE_CONFIG)):
+    stage_dir, path = path, os.path.join(path, loop.FINAL_PARAMS)
+    if not os.path.isdir(path):
+      raise checkpoint.CheckpointError(
+          f'{stage_dir}: no final params ({loop.FINAL_PARAMS}/): the stage has not finished; '
+          'give one of its checkpoints/STEP directories')
+  elif os.path.isdir(os.path.join(path, _STATE_ITEM)):  # <stage>/checkpoints/STEP
+    return TrainedParams(os.path.join(os.path.dirname(os.path.dirname(path)), STAGE_CONFIG),
+                         path, 'ema_params' if params == 'ema' else 'params')
+  elif os.path.basename(path) == loop.FINAL_PARAMS:
+    stage_dir = os.path.dirname(path)
+  else:
+    raise ValueError(f'{path}: neither a diffusers folder ({diffusers_io.MODEL_INDEX}) nor a '
+                     'workdir, stage directory, params/ or checkpoints/STEP directory of ours')
+  if params == 'raw':
+    raise ValueError(f'{path}: final params are the EMA params; for the raw ones give a '
+                     'checkpoints/STEP directory')
+  return TrainedParams(os.path.join(stage_dir, STAGE_CONFIG), path)
+
+
+def _latest_finished_stage(workdir: str, loop) -> str:
+  for stage in TRAINED_STAGES:
+    stage_dir = os.path.join(workdir, stage)
+    if loop.is_complete(stage_dir) and os.path.isdir(os.path.join(stage_dir, loop.FINAL_PARAMS)):
+      return stage_dir
+  raise checkpoint.CheckpointError(f'{workdir}: no finished stage with params '
+                                   f'(looked for {", ".join(TRAINED_STAGES)})')
+
+
+_STATE_ITEM = 'state'  # the train state's item in a Checkpointer step directory
+
+
+def _train_state_params(step_dir: str, key: str, abstract_params):
+  """The params `key` of a train state that Checkpointer saved, read alone (the
+  optimizer state stays on disk), with the model's parameter names and shapes."""
+  handler = ocp.PyTreeCheckpointHandler()
+  state_dir = epath.Path(step_dir) / _STATE_ITEM
+  stored = handler.metadata(state_dir).tree.get(key)
+  if jax.tree.structure(stored) != jax.tree.structure(abstract_params):
+    raise checkpoint.CheckpointError(f'{step_dir}: its {key} do not have the parameter names '
+                                     'of the model config')
+  target = {key: abstract_params}
+  try:
+    restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  except ValueError as e:
+    raise checkpoint.CheckpointError(f'{step_dir}: does not fit the model config: '
+                                     f'{str(e).splitlines()[0]}') from None
+  return restored[key]
 
 
 def init_params(module, seed: int):

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHAIN = ('rf', 'pairs', 'reflow', 'distill')
+CHAIN = ('rf', 'pairs', 'reflow', 'distill', 'eval')
 
 
 def main_command(workdir, tfds_dir, *extra, stages=('rf',)):

@@ -7,6 +7,7 @@ from absl import logging
 
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.stages import distill
+from instaflow_jax.stages import evaluate
 from instaflow_jax.stages import pairs
 from instaflow_jax.stages import train_flow
 from instaflow_jax.training import checkpoint
@@ -17,6 +18,7 @@ STAGES = {
     'pairs': pairs.run_pairs,
     'reflow': train_flow.run_reflow,
     'distill': distill.run_distill,
+    'eval': evaluate.run_eval,
 }
 
 # Errors that a user can fix (bad config, missing or corrupt inputs, divergence): main

@@ -127,8 +127,7 @@ def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, trai
                                   pipe.tokenizer, **kwargs)
   pairs_dir = os.path.join(os.path.dirname(stage_dir), train_config.pairs)
   data = pairs_lib.PairsInput(pairs_dir, **kwargs)
-  size = pipe.default_size // pipe.vae_scale_factor
-  pairs_lib.check_compatible(data.meta, (size, size, pipe.unet.config.in_channels),
+  pairs_lib.check_compatible(data.meta, pipe.latent_shape,
                              pipe.tokenizer.model_max_length, pairs_dir)
   return data
 

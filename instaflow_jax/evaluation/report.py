@@ -1,0 +1,99 @@
+"""The eval stage's outputs: metrics.json, report.md and the PNGs it shows."""
+import json
+import os
+
+import numpy as np
+
+from instaflow_jax import images as image_io
+
+METRICS_FILE = 'metrics.json'
+REPORT_FILE = 'report.md'
+GRID_FILE = 'grid.png'
+FD_VS_STEPS_FILE = 'fd_vs_steps.png'
+FD_VS_SECONDS_FILE = 'fd_vs_seconds.png'
+
+
+def grid_rows_of(eval_config, model: str, solver, images: np.ndarray) -> list:
+  """The rows this run adds to the comparison grid: every model at one Euler step, and
+  the teacher (the first model) at its most steps."""
+  label = f'{eval_config.labels[model]}, {solver_label(solver)}'
+  one_step = solver.kind == 'euler' and solver.num_steps == 1
+  teacher_steps = max(int(n) for n in eval_config.steps[eval_config.models[0]])
+  teacher = (model == eval_config.models[0] and solver.kind == 'euler'
+             and solver.num_steps == teacher_steps and teacher_steps > 1)
+  return [(label, images[:eval_config.grid_prompts])] if one_step or teacher else []
+
+
+def solver_label(solver) -> str:
+  if solver.kind == 'euler':
+    return f'{solver.num_steps} step' + ('s' if solver.num_steps > 1 else '')
+  return 'Dopri5'
+
+
+def write(stage_dir: str, eval_config, metrics: dict, grid_rows: list, real: np.ndarray) -> None:
+  """Writes the metrics, the plots, the grid and the report that ties them together."""
+  _write_atomic(os.path.join(stage_dir, METRICS_FILE), json.dumps(metrics, indent=2) + '\n')
+  rows = sorted(grid_rows, key=lambda row: not row[0].endswith(', 1 step'))  # one-step first
+  image_io.save_png(os.path.join(stage_dir, GRID_FILE),
+                    image_io.labelled_rows(rows + [('real (held out)', real)], upscale=4))
+  _plot(os.path.join(stage_dir, FD_VS_STEPS_FILE), eval_config, metrics, 'nfe',
+        'function evaluations per image (NFE)')
+  _plot(os.path.join(stage_dir, FD_VS_SECONDS_FILE), eval_config, metrics, 'seconds_per_image',
+        'seconds per image (this machine)')
+  _write_atomic(os.path.join(stage_dir, REPORT_FILE), markdown(eval_config, metrics))
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _plot(path: str, eval_config, metrics: dict, x_key: str, x_label: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  figure, axes = plt.subplots(figsize=(5.5, 4))
+  for model, results in metrics['models'].items():
+    euler = [(r[x_key], r['fd']) for name, r in results.items() if name != 'dopri5']
+    line, = axes.plot(*zip(*sorted(euler)), marker='o', label=eval_config.labels[model])
+    if 'dopri5' in results:
+      axes.plot(results['dopri5'][x_key], results['dopri5']['fd'], marker='*', markersize=12,
+                linestyle='none', color=line.get_color())
+  axes.axhline(metrics['fd_floor'], color='grey', linestyle='--', label='real vs real')
+  axes.set_xscale('log')
+  axes.set_xlabel(x_label + ('; star: Dopri5' if x_key == 'nfe' else ''))
+  axes.set_ylabel('FD to real held-out images')
+  axes.legend()
+  figure.tight_layout()
+  tmp = path + '.tmp.png'
+  figure.savefig(tmp, dpi=100)
+  plt.close(figure)
+  os.replace(tmp, path)
+
+
+def markdown(eval_config, metrics: dict) -> str:
+  """The report: the table of every model and solver, and the pictures."""
+  lines = ['# Evaluation', '',
+           f"{metrics['num_prompts']} held-out prompts, the same noise for every model. "
+           'FD: Frechet distance to the real held-out images in the evaluator\'s feature space '
+           f"(real training images: {metrics['fd_floor']:.3f}). Fidelity: the fraction of images "
+           f"that show their prompt (real images: {metrics['real_fidelity']:.3f}).", '',
+           '| model | solver | NFE | FD | fidelity | straightness | s / image | compile s |',
+           '|---|---|---:|---:|---:|---:|---:|---:|']
+  for model, results in metrics['models'].items():
+    for name, r in results.items():
+      solver = 'Dopri5' if name == 'dopri5' else f'Euler {name}'
+      straightness = f"{r['straightness']:.4f}" if 'straightness' in r else '-'
+      lines.append(f"| {eval_config.labels[model]} | {solver} | {r['nfe']:.1f} | {r['fd']:.3f} | "
+                   f"{r['fidelity']:.3f} | {straightness} | {r['seconds_per_image']:.4f} | "
+                   f"{r['compile_seconds']:.1f} |")
+  accuracy = ', '.join(f'{k} {v:.4f}' for k, v in metrics['evaluator_accuracy'].items())
+  straightness = ', '.join(f'{eval_config.labels[m]} {v:.4f}'
+                           for m, v in metrics['straightness'].items())
+  lines += ['', f'Straightness at the most Euler steps: {straightness}.', '',
+            f'Evaluator accuracy on real held-out images: {accuracy}.', '',
+            f'![grid]({GRID_FILE})', '', f'![FD vs steps]({FD_VS_STEPS_FILE}) '
+            f'![FD vs seconds]({FD_VS_SECONDS_FILE})', '']
+  return '\n'.join(lines)

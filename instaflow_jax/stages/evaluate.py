@@ -1,0 +1,185 @@
+"""Stage 'eval': the paper's comparison on our models, in one report with pictures.
+
+For each trained model of the workdir (`eval.models`: 1-RF, 2-RF, the distilled student)
+and each solver (Euler with each of `eval.steps[model]` steps; adaptive Dopri5 for the
+models in `eval.dopri5`), images are generated for the first `num_prompts` captions of the
+held-out split from fixed noise, and measured against the real held-out images:
+
+- fd: the Frechet distance between generated and real images in the evaluator's
+  feature space (the floor: real held-out vs real training images);
+- fidelity: the fraction of images that show what their prompt says, as the evaluator
+  reads them (captioned shapes only);
+- straightness of the Euler trajectories, the mean NFE of Dopri5, and the wall time per
+  image (compilation excluded and reported apart).
+
+The evaluator of captioned shapes is a small classifier (evaluation/shapes_evaluator.py)
+trained here once on the training split and cached in eval/evaluator/; its accuracy on
+real held-out images is part of the report. Writes eval/metrics.json, eval/report.md and
+PNGs: FD vs steps, FD vs seconds per image, and one grid of the same prompts and noise
+across models at one step and the teacher at its most steps.
+"""
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from instaflow_jax import images as image_io
+from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax.data import input as input_lib
+from instaflow_jax.data import shapes
+from instaflow_jax.evaluation import frechet
+from instaflow_jax.evaluation import report
+from instaflow_jax.evaluation import shapes_evaluator
+from instaflow_jax.flow import samplers
+from instaflow_jax.stages import train_flow
+from instaflow_jax.training import checkpoint
+
+_NOISE_STREAM = 0x6576616c  # 'eval': the held-out noise, apart from other uses of the seed
+EVALUATOR_DIR = 'evaluator'
+
+
+def real_examples(config: ml_collections.ConfigDict, split: str, count: int):
+  """(images float [N, S, S, 3] in [0, 1], captions, examples) of the first `count`."""
+  source = input_lib.open_source(train_flow.input_config(config.data, split))
+  if count > len(source):
+    raise ValueError(f'eval: {count} examples asked of {config.data.name}:{split}, which has '
+                     f'{len(source)}; lower eval.num_prompts')
+  examples = [source[i] for i in range(count)]
+  images = np.stack([input_lib.model_image(np.asarray(e[config.data.image_key]),
+                                           config.data.image_size) for e in examples])
+  captions = [input_lib.captions_of(e, config.data.caption_key)[0] for e in examples]
+  return (images + 1.0) / 2.0, captions, examples
+
+
+def labels_of(examples) -> dict:
+  return {k: np.array([e[k] for e in examples]) for k in shapes.LABEL_KEYS}
+
+
+def cached_evaluator(stage_dir: str, config: ml_collections.ConfigDict, seed: int):
+  """The shapes classifier, trained on the training split once and kept in eval/evaluator."""
+  path = os.path.join(stage_dir, EVALUATOR_DIR)
+  abstract = jax.eval_shape(lambda: shapes_evaluator.ShapesClassifier().init(
+      jax.random.key(0), jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
+  )['params'])
+  if os.path.isdir(path):
+    return shapes_evaluator.Evaluator(checkpoint.load_params(path, abstract, what='evaluator'))
+  images, _, examples = real_examples(config, config.data.train_split,
+                                      config.eval.evaluator_examples)
+  evaluator = shapes_evaluator.train_evaluator(images, labels_of(examples),
+                                               steps=config.eval.evaluator_steps, seed=seed)
+  checkpoint.save_params(path, evaluator.params)
+  return evaluator
+
+
+def feature_statistics(features: np.ndarray):
+  """(mean, covariance) in float64, as FD takes them."""
+  statistics = frechet.FeatureStatistics()
+  statistics.update(features)
+  return statistics.statistics()
+
+
+def model_solvers(eval_config, model: str) -> list:
+  solvers = [samplers.Solver('euler', int(n)) for n in eval_config.steps[model]]
+  if model in eval_config.dopri5:
+    solvers.append(samplers.Solver('dopri5', rtol=eval_config.rtol, atol=eval_config.atol))
+  return solvers
+
+
+def solver_name(solver: samplers.Solver) -> str:
+  return str(solver.num_steps) if solver.kind == 'euler' else 'dopri5'
+
+
+def check_models(eval_config, workdir: str) -> None:
+  """Every model has its settings and its params: checked before any compute."""
+  for model in eval_config.models:
+    for section in ('steps', 'guidance', 'labels'):
+      if model not in eval_config[section]:
+        raise ValueError(f'eval.models names {model!r} but eval.{section} has no entry for it')
+  for model in eval_config.models:
+    train_flow.stage_params_path(workdir, model, f'eval.models ({model})')
+
+
+def generate_all(pipe, params, captions, noise, guidance: float, solver, batch_size: int):
+  """Images of every caption, with the mean NFE and straightness of the solves and the
+  wall time per image (the first call compiles; it is timed apart)."""
+  uncond = lambda count: pipe.tokenize([''] * count) if guidance > 1.0 else None
+
+  def run(start, stop):
+    began = time.perf_counter()
+    images, solution = pipeline_lib.sample_images(
+        pipe.modules, params, pipe.tokenize(captions[start:stop]), uncond(stop - start),
+        noise[start:stop], jnp.float32(guidance), solver)
+    images = np.asarray(images)
+    return images, solution, time.perf_counter() - began
+
+  batches = [(start, min(start + batch_size, len(captions)))
+             for start in range(0, len(captions), batch_size)]
+  outputs = [run(*batch) for batch in batches]
+  # With a single batch, run it again to time it without compilation.
+  timed, timed_batches = (outputs[1:], batches[1:]) if len(batches) > 1 else (
+      [run(*batches[0])], batches)
+  per_image = sum(t for _, _, t in timed) / sum(stop - start for start, stop in timed_batches)
+  first_count = batches[0][1] - batches[0][0]
+  return np.concatenate([images for images, _, _ in outputs]), {
+      'nfe': float(np.mean([int(s.nfe) for _, s, _ in outputs])),
+      'straightness': float(np.mean(np.concatenate([np.asarray(s.straightness)
+                                                    for _, s, _ in outputs]))),
+      'seconds_per_image': per_image,
+      'compile_seconds': max(outputs[0][2] - per_image * first_count, 0.0)}
+
+
+def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
+  eval_config = config.eval
+  workdir = os.path.dirname(stage_dir)
+  check_models(eval_config, workdir)
+  if eval_config.evaluator != 'shapes':
+    raise ValueError(f"eval.evaluator {eval_config.evaluator!r}: only 'shapes' is measured by "
+                     'this stage so far')
+  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
+  real, captions, examples = real_examples(config, config.data.eval_split,
+                                           eval_config.num_prompts)
+  evaluator = cached_evaluator(stage_dir, config, config.seed)
+  real_features, real_cells = evaluator.predict(real)
+  real_labels = labels_of(examples)
+  scenes = [shapes.Scene.from_labels({k: v[i] for k, v in real_labels.items()})
+            for i in range(len(examples))]
+  reference, _, _ = real_examples(config, eval_config.reference_split, eval_config.num_prompts)
+  real_stats = feature_statistics(real_features)
+  metrics = {
+      'num_prompts': len(captions),
+      'evaluator_accuracy': shapes_evaluator.attribute_accuracy(real_cells, real_labels),
+      'fd_floor': frechet.frechet_distance(*real_stats, *feature_statistics(
+          evaluator.predict(reference)[0])),
+      'real_fidelity': shapes_evaluator.prompt_fidelity(scenes, real_cells)['fidelity'],
+      'models': {}, 'straightness': {}}
+  noise = jax.random.normal(jax.random.fold_in(jax.random.key(config.seed), _NOISE_STREAM),
+                            real.shape[:1] + pipe.latent_shape, jnp.float32)
+  grid_rows = []
+  for model in eval_config.models:
+    unet_params = train_flow.initial_unet_params(pipe, workdir, model, f'eval ({model})')
+    params = dict(pipe.params, unet=unet_params)
+    results = {}
+    for solver in model_solvers(eval_config, model):
+      images, measured = generate_all(pipe, params, captions, noise, eval_config.guidance[model],
+                                      solver, eval_config.batch_size)
+      features, cells = evaluator.predict(images)
+      measured['fd'] = frechet.frechet_distance(*feature_statistics(features),
+                                                *real_stats)
+      measured.update(shapes_evaluator.prompt_fidelity(scenes, cells))
+      if solver.kind != 'euler':
+        del measured['straightness']
+      results[solver_name(solver)] = measured
+      logging.info('eval: %s, %s: %s', model, report.solver_label(solver), json.dumps(measured))
+      grid_rows += report.grid_rows_of(eval_config, model, solver, images)
+    metrics['models'][model] = results
+    euler = [int(n) for n in eval_config.steps[model]]
+    metrics['straightness'][model] = results[str(max(euler))]['straightness']
+  report.write(stage_dir, eval_config, metrics, grid_rows, real[:eval_config.grid_prompts])
+  return {'fd_one_step': {m: r['1']['fd'] for m, r in metrics['models'].items() if '1' in r}}
+

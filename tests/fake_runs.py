@@ -1,0 +1,25 @@
+"""Stage directories of ours written as the stages write them, without training."""
+import os
+
+import ml_collections
+
+from instaflow_jax import stages
+from instaflow_jax.training import checkpoint
+from instaflow_jax.training import loop
+
+
+def diffusers_model_config(folder: str) -> ml_collections.ConfigDict:
+  """A config whose model is the diffusers folder `folder` (as configs/sd15_*.py name it)."""
+  return ml_collections.ConfigDict({'model': dict(
+      source='diffusers', diffusers_path=folder, compute_dtype='float32', remat=False)})
+
+
+def write_stage(workdir: str, stage: str, config: ml_collections.ConfigDict, params=None,
+                done: bool = True) -> str:
+  """WORKDIR/<stage> with its config.json, final params (when given) and DONE marker."""
+  stage_dir = stages.prepare_stage_dir(workdir, stage, config)
+  if params is not None:
+    checkpoint.save_params(os.path.join(stage_dir, loop.FINAL_PARAMS), params)
+  if done:
+    loop.mark_complete(stage_dir, {})
+  return stage_dir
