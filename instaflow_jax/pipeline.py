@@ -30,6 +30,9 @@ from instaflow_jax.models.clip_text import CLIPTextConfig
 from instaflow_jax.models.clip_text import CLIPTextModel
 from instaflow_jax.models.pixel_space import IdentityAutoencoder
 from instaflow_jax.models.pixel_space import IdentityConfig
+from instaflow_jax.models.stacked_unet import StackedUNet
+from instaflow_jax.models.stacked_unet import StackedUNetConfig
+from instaflow_jax.models.stacked_unet import init_from_unet
 from instaflow_jax.models.unet import UNet2DConditionModel
 from instaflow_jax.models.unet import UNetConfig
 from instaflow_jax.training import checkpoint
@@ -80,11 +83,23 @@ class Pipeline:
     with seeded random weights (frozen, never trained), pixel space (identity
     autoencoder), and a freshly initialised U-Net from `config.unet`.
     In both cases the U-Net computes in `compute_dtype`, with float32 params.
+    unet_kind='stacked' makes it two such U-Nets in series (InstaFlow-1.7B, with the
+    removals of `config.stacked`), both initialised from the one U-Net.
     """
+    kind = config.get('unet_kind', 'unet')
+    if kind not in ('unet', 'stacked'):
+      raise ValueError(f"model.unet_kind {kind!r} is unknown; use 'unet' or 'stacked'")
+    pipe = cls._single_unet_pipeline(config, seed)
+    if kind == 'unet':
+      return pipe
+    stacked = StackedUNetConfig(pipe.unet.config, **config.stacked.to_dict())
+    return dataclasses.replace(
+        pipe, unet=StackedUNet(stacked, dtype=pipe.unet.dtype, remat_blocks=config.remat),
+        unet_params=init_from_unet(pipe.unet_params, stacked))
+
+  @classmethod
+  def _single_unet_pipeline(cls, config, seed: int) -> 'Pipeline':
     compute_dtype = jnp.dtype(config.compute_dtype)
-    if config.get('unet_kind', 'unet') != 'unet':
-      raise ValueError(f'model.unet_kind={config.unet_kind!r}: only a single U-Net is built by '
-                       'the stages so far (the stacked model is in models/stacked_unet.py)')
     if config.source == 'diffusers':
       if not config.diffusers_path:
         raise ValueError('model.diffusers_path is empty: give the diffusers folder, e.g. '
@@ -130,6 +145,12 @@ class Pipeline:
       raise ValueError(f'the U-Net config gives no single sample_size ({sample_size!r}); '
                        'pass height and width')
     return sample_size * self.vae_scale_factor
+
+  @property
+  def latent_shape(self) -> tuple:
+    """(height, width, channels) of the U-Net's input at the default size."""
+    size = self.default_size // self.vae_scale_factor
+    return (size, size, self.unet.config.in_channels)
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     """Token ids padded (and truncated) to the tokenizer's max length, as the pipeline does."""
@@ -291,6 +312,11 @@ def _train_state_params(step_dir: str, key: str, abstract_params):
   return restored[key]
 
 
+def base_unet(unet):
+  """The single U-Net a model is built from: itself, or a stack's (the teacher's model)."""
+  return unet.base_unet() if isinstance(unet, StackedUNet) else unet
+
+
 def init_params(module, seed: int):
   """Freshly initialised float params of a module (logical-axis boxes removed).
 
@@ -337,7 +363,8 @@ def decode_to_images(modules: PipelineModules, params, latents: jax.Array) -> ja
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, latents,
                    guidance_scale, solver: samplers.Solver):
-  """Integrates the text-conditioned flow from the noise `latents`: (X1 latents, NFE).
+  """Integrates the text-conditioned flow from the noise `latents`: a samplers.Solution
+  (X1 latents, NFE, straightness).
 
   With `uncond_ids` (the negative or empty prompts), classifier-free guidance with
   `guidance_scale` is applied; without, the text branch alone.
@@ -355,6 +382,7 @@ def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, late
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def sample_images(modules: PipelineModules, params, token_ids, uncond_ids, latents,
                   guidance_scale, solver: samplers.Solver):
-  """sample_latents, decoded to images in [0, 1]: (images, NFE)."""
-  x1, nfe = sample_latents(modules, params, token_ids, uncond_ids, latents, guidance_scale, solver)
-  return decode_to_images(modules, params, x1), nfe
+  """sample_latents, decoded to images in [0, 1]: (images, its samplers.Solution)."""
+  solution = sample_latents(modules, params, token_ids, uncond_ids, latents, guidance_scale,
+                            solver)
+  return decode_to_images(modules, params, solution.x1), solution

@@ -5,13 +5,17 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
 from array_record.python import array_record_data_source
 from flax import serialization
 
+from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import stages
 from instaflow_jax.data import pairs as pairs_lib
+from instaflow_jax.models.stacked_unet import init_from_unet
+from instaflow_jax.stages import train_flow
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 from tests import runs
@@ -117,3 +121,27 @@ def test_rf_fine_tunes_a_diffusers_pipeline_in_latent_space(tfds_dir, tmp_path):
   losses = [r['loss'] for r in loop.read_metrics(stage_dir) if 'loss' in r]
   assert len(losses) == 2 and all(np.isfinite(losses))
   assert os.listdir(os.path.join(stage_dir, 'samples')) == ['step_000004.png']
+
+
+def test_stacked_student_starts_from_the_2rf_and_is_distilled_by_it(quick_chain, tfds_dir,
+                                                                    tmp_path):
+  """InstaFlow-1.7B's wiring: a stacked student, both halves copied from the single-U-Net
+  2-RF, which stays the teacher."""
+  workdir = str(tmp_path / 'stacked')
+  for stage in ('rf', 'reflow'):
+    shutil.copytree(os.path.join(quick_chain, stage), os.path.join(workdir, stage))
+  stacked = ('--config.model.unet_kind=stacked', '--config.model.stacked.keep_mid=False')
+  result = runs.run_main(workdir, tfds_dir, *stacked, '--config.distill.steps=2',
+                         stages=('distill',))
+  assert result.returncode == 0, result.stderr[-3000:]
+  student = pipeline_lib.Pipeline.from_checkpoint(
+      pipeline_lib.find_trained_params(workdir, stage='distill'))
+  assert set(student.unet_params) == {'unet_1', 'unet_2'}
+  assert 'mid_block' not in student.unet_params['unet_1']
+  # The start: both halves copied from the 2-RF's params.
+  reflow_params = os.path.join(workdir, 'reflow', loop.FINAL_PARAMS)
+  start = train_flow.load_unet_params(student.unet, reflow_params, 'init')
+  single = train_flow.load_unet_params(student.unet.base_unet(), reflow_params, 'init')
+  expected = init_from_unet(single, student.unet.config)
+  assert jax.tree.all(jax.tree.map(np.array_equal, start, expected))
+  assert checkpoint.top_level_names(reflow_params) >= {'conv_in', 'mid_block'}

@@ -138,6 +138,12 @@ class StackedUNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_blocks: bool = False
 
+  def base_unet(self) -> unet_lib.UNet2DConditionModel:
+    """The whole single U-Net (config.unet) the stack is made from: the teacher's model."""
+    return unet_lib.UNet2DConditionModel(self.config.unet, dtype=self.dtype,
+                                         param_dtype=self.param_dtype,
+                                         remat_blocks=self.remat_blocks)
+
   def half(self, name: str) -> unet_lib.UNet2DConditionModel:
     return _half(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                  remat_blocks=self.remat_blocks, name=name)

@@ -52,18 +52,21 @@ def student_sample(modules, params, x0, embeds, num_steps: int):
   return samplers.euler_sample(velocity, x0, num_steps)
 
 
-def teacher_target(modules, frozen, x0, embeds, config):
+def teacher_target(teacher_unet, frozen, x0, embeds, config):
   """X1 = the teacher's ODE solution from X0 with guidance w (no gradient)."""
   guided = rectified_flow.uses_guidance(config.teacher_guidance)
   uncond = jnp.broadcast_to(frozen['null_embeds'], embeds.shape) if guided else None
   velocity = samplers.conditional_velocity(
-      lambda x, t, e: modules.unet.apply({'params': frozen['teacher']}, x, t, e), embeds,
+      lambda x, t, e: teacher_unet.apply({'params': frozen['teacher']}, x, t, e), embeds,
       uncond, config.teacher_guidance)
   return jax.lax.stop_gradient(samplers.euler_sample(velocity, x0, config.teacher_steps))
 
 
 def distillation_loss(modules, config, lpips_module=None):
-  """loss_fn(params, frozen, batch, rng, step) of the student."""
+  """loss_fn(params, frozen, batch, rng, step) of the student. The teacher is the single
+  U-Net the student is built from (itself, or the one a stacked student copies twice)."""
+  teacher_unet = pipeline_lib.base_unet(modules.unet)
+
   def per_example(kind, frozen, prediction, target):
     if kind in LATENT_LOSSES:
       return rectified_flow.per_example_loss(prediction, target, kind)
@@ -82,7 +85,7 @@ def distillation_loss(modules, config, lpips_module=None):
     else:
       reference, embeds = train_flow.model_inputs(modules, frozen, batch, latent_rng)
       x0 = jax.random.normal(noise_rng, reference.shape, reference.dtype)
-      x1 = teacher_target(modules, frozen, x0, embeds, config)
+      x1 = teacher_target(teacher_unet, frozen, x0, embeds, config)
     prediction = student_sample(modules, params, x0, embeds, config.student_steps)
     if config.switch_step < 0:
       losses = per_example(config.loss, frozen, prediction, x1)
@@ -104,8 +107,10 @@ def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[st
     train_flow.stage_params_path(workdir, distill_config.init, 'distill.init')
   lpips_module, lpips_params = load_lpips_if_needed(distill_config)
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
-  teacher = train_flow.initial_unet_params(pipe, workdir, distill_config.teacher,
-                                           'distill.teacher')
+  teacher = train_flow.load_unet_params(
+      pipeline_lib.base_unet(pipe.unet),
+      train_flow.stage_params_path(workdir, distill_config.teacher, 'distill.teacher'),
+      'distill.teacher')
   student = train_flow.initial_unet_params(pipe, workdir, distill_config.init, 'distill.init')
   frozen = dict(train_flow.frozen_params(pipe), teacher=teacher)
   if lpips_module is not None:

@@ -141,7 +141,6 @@ def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, 
   if eval_config.evaluator != 'shapes':
     raise ValueError(f"eval.evaluator {eval_config.evaluator!r}: only 'shapes' is measured by "
                      'this stage so far')
-  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
   real, captions, examples = real_examples(config, config.data.eval_split,
                                            eval_config.num_prompts)
   evaluator = cached_evaluator(stage_dir, config, config.seed)
@@ -158,12 +157,14 @@ def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, 
           evaluator.predict(reference)[0])),
       'real_fidelity': shapes_evaluator.prompt_fidelity(scenes, real_cells)['fidelity'],
       'models': {}, 'straightness': {}}
-  noise = jax.random.normal(jax.random.fold_in(jax.random.key(config.seed), _NOISE_STREAM),
-                            real.shape[:1] + pipe.latent_shape, jnp.float32)
+  noise_key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_STREAM)
   grid_rows = []
   for model in eval_config.models:
-    unet_params = train_flow.initial_unet_params(pipe, workdir, model, f'eval ({model})')
-    params = dict(pipe.params, unet=unet_params)
+    # Each model as its stage built it (the student may be a stacked U-Net).
+    pipe = pipeline_lib.Pipeline.from_checkpoint(
+        pipeline_lib.find_trained_params(workdir, stage=model))
+    params = pipe.params
+    noise = jax.random.normal(noise_key, real.shape[:1] + pipe.latent_shape, jnp.float32)
     results = {}
     for solver in model_solvers(eval_config, model):
       images, measured = generate_all(pipe, params, captions, noise, eval_config.guidance[model],

@@ -11,15 +11,19 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.flow import rectified_flow
+from instaflow_jax.models.stacked_unet import StackedUNet
+from instaflow_jax.models.stacked_unet import init_from_unet
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 
@@ -114,8 +118,16 @@ def initial_unet_params(pipe: pipeline_lib.Pipeline, workdir: str, init: str, wh
   """The U-Net params a stage starts from: the base model's, or a finished stage's."""
   if not init:
     return pipe.unet_params
-  return checkpoint.load_params(stage_params_path(workdir, init, what),
-                                checkpoint.abstract_like(pipe.unet_params), what=what)
+  return load_unet_params(pipe.unet, stage_params_path(workdir, init, what), what)
+
+
+def load_unet_params(unet, path: str, what: str):
+  """The params of `unet` saved at `path`. A stacked U-Net also starts from a single
+  U-Net's params (InstaFlow-1.7B from the 2-RF): both halves get a copy."""
+  if isinstance(unet, StackedUNet) and not {'unet_1', 'unet_2'} <= checkpoint.top_level_names(path):
+    return init_from_unet(load_unet_params(unet.base_unet(), path, what), unet.config)
+  abstract = nn.meta.unbox(diffusers_io.abstract_variables(unet))['params']
+  return checkpoint.load_params(path, abstract, what=what)
 
 
 def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config):
