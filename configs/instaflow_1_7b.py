@@ -17,9 +17,9 @@ deepest level of each half (1.05B); see the stacked_unet module docstring.
       --workdir=gs://bucket/instaflow_1_7b --config.data.data_dir=/data/tensorflow_datasets
 
 Hardware: like configs/sd15_rf.py (bf16 compute, remat) with twice the U-Net; scale
-distill.batch_size with the number of devices. The stages do not build the stacked student
-yet (Pipeline.from_config refuses unet_kind='stacked' with a message): the model, its
-initialisation from one U-Net and this config are ready for that wiring.
+distill.batch_size with the number of devices. The student is built by Pipeline.from_config
+(model.unet_kind='stacked'); distill.init='reflow' copies the 2-RF's single U-Net into both
+halves, and that single U-Net (distill.teacher) stays the teacher.
 """
 import ml_collections
 

@@ -7,6 +7,7 @@ Pool features are compared relative to their largest magnitude, with a tolerance
 import re
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -181,3 +182,17 @@ def test_state_dict_errors(weights_file):
   del state['Mixed_6e.branch7x7dbl_4.conv.weight']
   with pytest.raises(ConversionError, match="missing key 'Mixed_6e.branch7x7dbl.4.conv.weight'"):
     convert(state)
+
+
+def test_eval_judge_measures_fid_features(weights_file, features_fn):
+  """The eval stage's judge for photographs: pytorch-fid's features, no prompt metric
+  without a CLIP model."""
+  from instaflow_jax.stages import evaluate
+  config = ml_collections.ConfigDict(dict(inception_path=weights_file, clip_path='',
+                                          batch_size=2))
+  judge = evaluate.InceptionJudge(config, ['a', 'b', 'c'])
+  images = _nhwc(_images())
+  images = np.concatenate([images, images[:1]])  # a last batch of one
+  features, prompt_metrics = judge.measure(images)
+  assert features.shape == (3, 2048) and prompt_metrics == {} and judge.about_real(images) == {}
+  np.testing.assert_allclose(features[:2], features_fn(images[:2]), rtol=1e-5, atol=1e-5)

@@ -75,25 +75,36 @@ def _plot(path: str, eval_config, metrics: dict, x_key: str, x_label: str) -> No
 
 def markdown(eval_config, metrics: dict) -> str:
   """The report: the table of every model and solver, and the pictures."""
+  first = next(iter(next(iter(metrics['models'].values())).values()))
+  prompt_key = next((k for k in ('fidelity', 'clip_score') if k in first), None)
+  real_prompt = {'fidelity': metrics.get('real_fidelity'),
+                 'clip_score': metrics.get('real_clip_score')}.get(prompt_key)
   lines = ['# Evaluation', '',
            f"{metrics['num_prompts']} held-out prompts, the same noise for every model. "
-           'FD: Frechet distance to the real held-out images in the evaluator\'s feature space '
-           f"(real training images: {metrics['fd_floor']:.3f}). Fidelity: the fraction of images "
-           f"that show their prompt (real images: {metrics['real_fidelity']:.3f}).", '',
-           '| model | solver | NFE | FD | fidelity | straightness | s / image | compile s |',
-           '|---|---|---:|---:|---:|---:|---:|---:|']
+           "FD: Frechet distance to the real held-out images in the evaluator's feature space "
+           f"(real training images: {metrics['fd_floor']:.3f})."]
+  if prompt_key == 'fidelity':
+    lines[-1] += (' Fidelity: the fraction of images that show their prompt (real images: '
+                  f'{real_prompt:.3f}).')
+  elif prompt_key == 'clip_score':
+    lines[-1] += f' CLIP score of real images: {real_prompt:.2f}.'
+  header = ['model', 'solver', 'NFE', 'FD'] + ([prompt_key] if prompt_key else []) + [
+      'straightness', 's / image', 'compile s']
+  lines += ['', '| ' + ' | '.join(header) + ' |', '|---|---|' + '---:|' * (len(header) - 2)]
   for model, results in metrics['models'].items():
     for name, r in results.items():
-      solver = 'Dopri5' if name == 'dopri5' else f'Euler {name}'
-      straightness = f"{r['straightness']:.4f}" if 'straightness' in r else '-'
-      lines.append(f"| {eval_config.labels[model]} | {solver} | {r['nfe']:.1f} | {r['fd']:.3f} | "
-                   f"{r['fidelity']:.3f} | {straightness} | {r['seconds_per_image']:.4f} | "
-                   f"{r['compile_seconds']:.1f} |")
-  accuracy = ', '.join(f'{k} {v:.4f}' for k, v in metrics['evaluator_accuracy'].items())
+      cells = [eval_config.labels[model], 'Dopri5' if name == 'dopri5' else f'Euler {name}',
+               f"{r['nfe']:.1f}", f"{r['fd']:.3f}"]
+      cells += [f'{r[prompt_key]:.3f}'] if prompt_key else []
+      cells += [f"{r['straightness']:.4f}" if 'straightness' in r else '-',
+                f"{r['seconds_per_image']:.4f}", f"{r['compile_seconds']:.1f}"]
+      lines.append('| ' + ' | '.join(cells) + ' |')
   straightness = ', '.join(f'{eval_config.labels[m]} {v:.4f}'
                            for m, v in metrics['straightness'].items())
-  lines += ['', f'Straightness at the most Euler steps: {straightness}.', '',
-            f'Evaluator accuracy on real held-out images: {accuracy}.', '',
-            f'![grid]({GRID_FILE})', '', f'![FD vs steps]({FD_VS_STEPS_FILE}) '
+  lines += ['', f'Straightness at the most Euler steps: {straightness}.', '']
+  if 'evaluator_accuracy' in metrics:
+    accuracy = ', '.join(f'{k} {v:.4f}' for k, v in metrics['evaluator_accuracy'].items())
+    lines += [f'Evaluator accuracy on real held-out images: {accuracy}.', '']
+  lines += [f'![grid]({GRID_FILE})', '', f'![FD vs steps]({FD_VS_STEPS_FILE}) '
             f'![FD vs seconds]({FD_VS_SECONDS_FILE})', '']
   return '\n'.join(lines)

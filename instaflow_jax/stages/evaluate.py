@@ -1,6 +1,7 @@
 """Stage 'eval': the paper's comparison on our models, in one report with pictures.
 
-For each trained model of the workdir (`eval.models`: 1-RF, 2-RF, the distilled student)
+For each trained model of the workdir (`eval.models`: 1-RF, 2-RF, the distilled student;
+or a diffusers folder given in `eval.paths`, e.g. the released InstaFlow-0.9B)
 and each solver (Euler with each of `eval.steps[model]` steps; adaptive Dopri5 for the
 models in `eval.dopri5`), images are generated for the first `num_prompts` captions of the
 held-out split from fixed noise, and measured against the real held-out images:
@@ -12,6 +13,9 @@ held-out split from fixed noise, and measured against the real held-out images:
 - straightness of the Euler trajectories, the mean NFE of Dopri5, and the wall time per
   image (compilation excluded and reported apart).
 
+`eval.evaluator='inception'` measures photographs as the paper does (configs/coco_eval.py):
+FD in pytorch-fid's Inception features (its weight file, `eval.inception_path`) and the
+CLIP score (`eval.clip_path`, a CLIP model folder) instead of fidelity.
 The evaluator of captioned shapes is a small classifier (evaluation/shapes_evaluator.py)
 trained here once on the training split and cached in eval/evaluator/; its accuracy on
 real held-out images is part of the report. Writes eval/metrics.json, eval/report.md and
@@ -31,6 +35,7 @@ from absl import logging
 
 from instaflow_jax import images as image_io
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import shapes
 from instaflow_jax.evaluation import frechet
@@ -102,7 +107,21 @@ def check_models(eval_config, workdir: str) -> None:
       if model not in eval_config[section]:
         raise ValueError(f'eval.models names {model!r} but eval.{section} has no entry for it')
   for model in eval_config.models:
-    train_flow.stage_params_path(workdir, model, f'eval.models ({model})')
+    folder = eval_config.get('paths', {}).get(model)
+    if folder:
+      diffusers_io.read_model_index(folder)
+    else:
+      train_flow.stage_params_path(workdir, model, f'eval.models ({model})')
+
+
+def model_pipeline(eval_config, workdir: str, model: str) -> pipeline_lib.Pipeline:
+  """A stage of this workdir as that stage built it (the student may be a stacked U-Net),
+  or the diffusers folder eval.paths gives for `model` (e.g. the released InstaFlow-0.9B)."""
+  folder = eval_config.get('paths', {}).get(model)
+  if folder:
+    return pipeline_lib.Pipeline.from_diffusers(folder)
+  return pipeline_lib.Pipeline.from_checkpoint(
+      pipeline_lib.find_trained_params(workdir, stage=model))
 
 
 def generate_all(pipe, params, captions, noise, guidance: float, solver, batch_size: int):
@@ -134,45 +153,86 @@ def generate_all(pipe, params, captions, noise, guidance: float, solver, batch_s
       'compile_seconds': max(outputs[0][2] - per_image * first_count, 0.0)}
 
 
+class ShapesJudge:
+  """Captioned shapes: FD in the shapes classifier's feature space, and prompt fidelity."""
+
+  def __init__(self, stage_dir: str, config, examples):
+    self.evaluator = cached_evaluator(stage_dir, config, config.seed)
+    self.labels = labels_of(examples)
+    self.scenes = [shapes.Scene.from_labels({k: v[i] for k, v in self.labels.items()})
+                   for i in range(len(examples))]
+
+  def measure(self, images):
+    """(features, prompt metrics) of images made from (or of) the held-out prompts."""
+    features, cells = self.evaluator.predict(images)
+    return features, shapes_evaluator.prompt_fidelity(self.scenes, cells)
+
+  def about_real(self, real) -> dict:
+    _, cells = self.evaluator.predict(real)
+    return {'evaluator_accuracy': shapes_evaluator.attribute_accuracy(cells, self.labels),
+            'real_fidelity': shapes_evaluator.prompt_fidelity(self.scenes, cells)['fidelity']}
+
+
+class InceptionJudge:
+  """Photographs (the paper's COCO protocol): FD in pytorch-fid's Inception pool features,
+  and the CLIP score when `eval.clip_path` names a CLIP model folder."""
+
+  def __init__(self, eval_config, captions):
+    from instaflow_jax.convert import inception_weights
+    from instaflow_jax.evaluation import clip_score
+    module, variables = inception_weights.load_fid_inception(eval_config.inception_path)
+    self._features = jax.jit(lambda images: module.apply(variables, images))
+    self.batch_size = eval_config.batch_size
+    self.captions = captions
+    self.clip = clip_score.TransformersClip(eval_config.clip_path) if eval_config.clip_path else None
+    self._clip_score = clip_score.clip_score
+
+  def measure(self, images):
+    features = np.concatenate([np.asarray(self._features(images[i:i + self.batch_size]))
+                               for i in range(0, len(images), self.batch_size)])
+    if self.clip is None:
+      return features, {}
+    return features, {'clip_score': self._clip_score(images, self.captions, self.clip)}
+
+  def about_real(self, real) -> dict:
+    return {'real_clip_score': self.measure(real)[1]['clip_score']} if self.clip else {}
+
+
+def make_judge(config, stage_dir: str, captions, examples):
+  if config.eval.evaluator == 'shapes':
+    return ShapesJudge(stage_dir, config, examples)
+  if config.eval.evaluator == 'inception':
+    return InceptionJudge(config.eval, captions)
+  raise ValueError(f"eval.evaluator {config.eval.evaluator!r} is unknown; use 'shapes' "
+                   "(captioned shapes) or 'inception' (photographs, pytorch-fid's weights)")
+
+
 def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
   eval_config = config.eval
   workdir = os.path.dirname(stage_dir)
   check_models(eval_config, workdir)
-  if eval_config.evaluator != 'shapes':
-    raise ValueError(f"eval.evaluator {eval_config.evaluator!r}: only 'shapes' is measured by "
-                     'this stage so far')
   real, captions, examples = real_examples(config, config.data.eval_split,
                                            eval_config.num_prompts)
-  evaluator = cached_evaluator(stage_dir, config, config.seed)
-  real_features, real_cells = evaluator.predict(real)
-  real_labels = labels_of(examples)
-  scenes = [shapes.Scene.from_labels({k: v[i] for k, v in real_labels.items()})
-            for i in range(len(examples))]
+  judge = make_judge(config, stage_dir, captions, examples)
+  real_stats = feature_statistics(judge.measure(real)[0])
   reference, _, _ = real_examples(config, eval_config.reference_split, eval_config.num_prompts)
-  real_stats = feature_statistics(real_features)
   metrics = {
       'num_prompts': len(captions),
-      'evaluator_accuracy': shapes_evaluator.attribute_accuracy(real_cells, real_labels),
-      'fd_floor': frechet.frechet_distance(*real_stats, *feature_statistics(
-          evaluator.predict(reference)[0])),
-      'real_fidelity': shapes_evaluator.prompt_fidelity(scenes, real_cells)['fidelity'],
-      'models': {}, 'straightness': {}}
+      'fd_floor': frechet.frechet_distance(*real_stats,
+                                           *feature_statistics(judge.measure(reference)[0])),
+      **judge.about_real(real), 'models': {}, 'straightness': {}}
   noise_key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_STREAM)
   grid_rows = []
   for model in eval_config.models:
-    # Each model as its stage built it (the student may be a stacked U-Net).
-    pipe = pipeline_lib.Pipeline.from_checkpoint(
-        pipeline_lib.find_trained_params(workdir, stage=model))
-    params = pipe.params
+    pipe = model_pipeline(eval_config, workdir, model)
     noise = jax.random.normal(noise_key, real.shape[:1] + pipe.latent_shape, jnp.float32)
     results = {}
     for solver in model_solvers(eval_config, model):
-      images, measured = generate_all(pipe, params, captions, noise, eval_config.guidance[model],
-                                      solver, eval_config.batch_size)
-      features, cells = evaluator.predict(images)
-      measured['fd'] = frechet.frechet_distance(*feature_statistics(features),
-                                                *real_stats)
-      measured.update(shapes_evaluator.prompt_fidelity(scenes, cells))
+      images, measured = generate_all(pipe, pipe.params, captions, noise,
+                                      eval_config.guidance[model], solver, eval_config.batch_size)
+      features, prompt_metrics = judge.measure(images)
+      measured['fd'] = frechet.frechet_distance(*feature_statistics(features), *real_stats)
+      measured.update(prompt_metrics)
       if solver.kind != 'euler':
         del measured['straightness']
       results[solver_name(solver)] = measured
@@ -183,4 +243,3 @@ def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, 
     metrics['straightness'][model] = results[str(max(euler))]['straightness']
   report.write(stage_dir, eval_config, metrics, grid_rows, real[:eval_config.grid_prompts])
   return {'fd_one_step': {m: r['1']['fd'] for m, r in metrics['models'].items() if '1' in r}}
-
