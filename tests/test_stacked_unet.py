@@ -231,3 +231,12 @@ def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
           f'{counts[dropped, keep_mid]:,} params')
   assert counts[0, True] == 2 * SD15_PARAMS
   assert 2 * SD15_PARAMS > counts[0, False] > counts[1, False]
+
+
+def test_base_unet_is_the_single_unet_it_is_made_from():
+  config = StackedUNetConfig.from_dict(
+      {'unet': THREE_LEVELS, 'num_dropped_levels': 1, 'keep_mid': False})
+  stacked = StackedUNet(config, dtype=jnp.bfloat16, remat_blocks=True)
+  base = stacked.base_unet()
+  assert base.config == config.unet and base.dtype == jnp.bfloat16 and base.remat_blocks
+  assert base.parent is None  # usable on its own, outside the stack

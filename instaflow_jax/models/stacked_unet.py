@@ -142,7 +142,7 @@ class StackedUNet(nn.Module):
     """The whole single U-Net (config.unet) the stack is made from: the teacher's model."""
     return unet_lib.UNet2DConditionModel(self.config.unet, dtype=self.dtype,
                                          param_dtype=self.param_dtype,
-                                         remat_blocks=self.remat_blocks)
+                                         remat_blocks=self.remat_blocks, parent=None)
 
   def half(self, name: str) -> unet_lib.UNet2DConditionModel:
     return _half(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
