@@ -123,6 +123,13 @@ def test_straightness_is_the_mean_deviation_from_the_chord():
   assert np.abs(samplers.integrate(straight, x0, samplers.Solver('euler', 5))[2]).max() < 1e-6
 
 
+def test_unrolled_euler_is_the_loop_written_out():
+  x0 = jax.random.normal(jax.random.key(2), (2, 3))
+  velocity = lambda x, s: jnp.sin(x) * (1.0 + s)
+  np.testing.assert_allclose(samplers.euler_sample(velocity, x0, 3, unroll=True),
+                             samplers.euler_sample(velocity, x0, 3), rtol=1e-6)
+
+
 def test_solver_rejects_unknown_kinds():
   with pytest.raises(ValueError, match="'rk4'"):
     samplers.Solver('rk4')

@@ -11,13 +11,19 @@ from instaflow_jax.flow import rectified_flow
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def euler_sample(velocity_fn: VelocityFn, x0: jax.Array, num_steps: int) -> jax.Array:
-  """Integrates dx/ds = v(x, s) from s=0 to 1 with N Euler steps: x += v(x, i/N) / N."""
-  return euler_with_straightness(velocity_fn, x0, num_steps)[0]
+def euler_sample(velocity_fn: VelocityFn, x0: jax.Array, num_steps: int,
+                 unroll: bool = False) -> jax.Array:
+  """Integrates dx/ds = v(x, s) from s=0 to 1 with N Euler steps: x += v(x, i/N) / N.
+
+  unroll=True writes the steps out instead of looping: for a solve that is
+  differentiated (a distilled student's k steps), since XLA on a CPU ran the gradient of
+  a U-Net inside a loop 25x slower than unrolled (measured, one step, batch 32).
+  """
+  return euler_with_straightness(velocity_fn, x0, num_steps, unroll)[0]
 
 
-def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array,
-                            num_steps: int) -> Tuple[jax.Array, jax.Array]:
+def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array, num_steps: int,
+                            unroll: bool = False) -> Tuple[jax.Array, jax.Array]:
   """(x1, straightness per example) of the N-step Euler solution.
 
   Straightness (Rectified Flow, Liu et al. 2022) is the mean over the steps of
@@ -35,8 +41,13 @@ def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array,
     v = velocity_fn(x, i.astype(jnp.float32) / num_steps).astype(x.dtype)
     return x + dt * v, squares + per_example(v)
 
-  x1, squares = jax.lax.fori_loop(0, num_steps, step,
-                                  (x0, jnp.zeros((x0.shape[0],), jnp.float32)))
+  carry = (x0, jnp.zeros((x0.shape[0],), jnp.float32))
+  if unroll:
+    for i in range(num_steps):
+      carry = step(jnp.int32(i), carry)
+    x1, squares = carry
+  else:
+    x1, squares = jax.lax.fori_loop(0, num_steps, step, carry)
   # A variance: clipped at 0 against rounding (one step gives exactly 0).
   return x1, jnp.maximum(squares / num_steps - per_example(x1 - x0), 0.0)
 

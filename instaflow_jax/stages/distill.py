@@ -49,7 +49,7 @@ def student_sample(modules, params, x0, embeds, num_steps: int):
   from a guided teacher and is used at guidance 1)."""
   velocity = samplers.conditional_velocity(
       lambda x, t, e: modules.unet.apply({'params': params}, x, t, e), embeds)
-  return samplers.euler_sample(velocity, x0, num_steps)
+  return samplers.euler_sample(velocity, x0, num_steps, unroll=True)  # differentiated
 
 
 def teacher_target(teacher_unet, frozen, x0, embeds, config):
