@@ -35,6 +35,7 @@ setup(
         'clu',
         'ml-collections',
         'diffrax',
+        'scipy',  # the Frechet distance's matrix square root
         'numpy',
         'pillow',
         'matplotlib',
