@@ -40,7 +40,7 @@ def run(tmp_path_factory):
   """A reflow stage fine-tuned from a tiny diffusers folder, with a train-state checkpoint."""
   folder = str(tmp_path_factory.mktemp('tiny_pipeline'))
   tiny_models.write_tiny_pipeline(folder)
-  _, _, base_params = diffusers_io.load_component(folder, 'unet')
+  _, unet, base_params = diffusers_io.load_component(folder, 'unet')
   workdir = str(tmp_path_factory.mktemp('run'))
   ema = perturbed(base_params, seed=1)
   stage_dir = fake_runs.write_stage(workdir, 'reflow', fake_runs.diffusers_model_config(folder),
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
   checkpointer = checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'), save_every=1)
   checkpointer.save(7, state, {'step': 7})
   checkpointer.close()
-  return dict(folder=folder, workdir=workdir, stage_dir=stage_dir, ema=ema, raw=raw)
+  return dict(folder=folder, workdir=workdir, stage_dir=stage_dir, ema=ema, raw=raw, unet=unet)
 
 
 def run_convert(*flags):
@@ -64,9 +64,9 @@ def error_of(*flags) -> str:
   return str(e.value.code)
 
 
-def read_params(path, like):
-  """Params at `path` as a stage reads its `init` (an absolute path) for a U-Net like `like`."""
-  return train_flow.initial_unet_params(types.SimpleNamespace(unet_params=like), '', str(path),
+def read_params(path, unet):
+  """Params at `path` as a stage reads its `init` (an absolute path) for `unet`."""
+  return train_flow.initial_unet_params(types.SimpleNamespace(unet=unet), '', str(path),
                                         'rf.init')
 
 
@@ -82,7 +82,7 @@ def test_round_trip_ours_diffusers_ours_is_bitwise(run, tmp_path, capsys):
   assert {'model_index.json', 'unet', 'vae', 'text_encoder', 'tokenizer'} <= set(
       os.listdir(exported))
   run_convert(f'--src={exported}', f'--out={back}')
-  assert_same_params(read_params(back, run['ema']), run['ema'])
+  assert_same_params(read_params(back, run['unet']), run['ema'])
   assert sorted(os.listdir(tmp_path)) == ['back', 'exported']  # no staging directory is left
   assert f'--config.<stage>.init={back}' in capsys.readouterr().out
 
@@ -116,7 +116,7 @@ def test_raw_or_ema_params_of_a_checkpoint_step(run, tmp_path):
   exported, back = tmp_path / 'exported', tmp_path / 'back'
   run_convert(f'--src={step_dir}', '--params=raw', f'--out={exported}')
   run_convert(f'--src={exported}', f'--out={back}')
-  assert_same_params(read_params(back, run['raw']), run['raw'])
+  assert_same_params(read_params(back, run['unet']), run['raw'])
   step = pipeline_lib.find_trained_params(step_dir)
   assert_same_params(step.load(checkpoint.abstract_like(run['ema'])), run['ema'])
   with pytest.raises(checkpoint.CheckpointError, match='do not have the parameter names'):
