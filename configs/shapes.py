@@ -19,7 +19,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/shapes.py: unknown variant {arg!r}; use ':quick' or nothing")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ('rf', 'pairs', 'reflow', 'distill') if quick else ('rf',)
+  c.stages = ('rf', 'pairs', 'reflow', 'distill', 'eval')
 
   c.data = ml_collections.ConfigDict(dict(
       name='captioned_shapes/size16' if quick else 'captioned_shapes/size24',  # tfds name
@@ -33,6 +33,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       source='embedded',            # or 'diffusers' (see configs/sd15_rf.py)
+      # 'stacked': two U-Nets in series (InstaFlow-1.7B), both from the one U-Net; meant
+      # for the distill stage's student (--config.model.unet_kind=stacked there).
+      unet_kind='unet',
+      stacked=dict(num_dropped_levels=0, keep_mid=True),
       diffusers_path='',
       compute_dtype='float32',
       remat=False,
@@ -45,13 +49,14 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       unet=dict(
           sample_size=16 if quick else 24,
           in_channels=3, out_channels=3,
-          # Attention only below full resolution: on a CPU, attention over all 24x24
-          # pixels would cost 7x the rest of the step (measured).
+          # Attention only at the lowest resolution (6x6) and in the middle block: on this
+          # CPU, attention at 12x12 too makes a step 1.9x slower (1.3 s vs 0.7 s), and
+          # at 24x24 7x; 6x6 still resolves the 3x3 grid of positions the captions name.
           block_out_channels=(16, 32) if quick else (32, 64, 64),
           down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D') if quick else (
-              'DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
+              'DownBlock2D', 'DownBlock2D', 'CrossAttnDownBlock2D'),
           up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D') if quick else (
-              'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'),
+              'CrossAttnUpBlock2D', 'UpBlock2D', 'UpBlock2D'),
           layers_per_block=1,
           attention_head_dim=2 if quick else 4,
           norm_num_groups=8,
@@ -66,28 +71,50 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   c.pairs = ml_collections.ConfigDict(dict(
       teacher='rf',                 # a stage of this workdir (its final params), or a path
       split='train',                # the prompts
-      num_pairs=64 if quick else 4096,
-      shard_size=8 if quick else 512,
+      num_pairs=64 if quick else 1024,
+      shard_size=8 if quick else 256,
       batch_size=8 if quick else 128,
       solver='euler',               # or 'dopri5' (adaptive; rtol/atol)
-      num_steps=4 if quick else 25,
+      num_steps=4 if quick else 8,
       rtol=1e-3, atol=1e-3,
-      guidance=1.0,                 # w; the paper used 5.0 for SD 1.5 pairs
+      guidance=3.0,                 # w; the paper used 5.0 for SD 1.5 pairs
   ))
 
   # The 2-rectified flow: the same trainer on the pairs, starting from the teacher.
-  c.reflow = training_config(quick, steps=20 if quick else 1000)
+  c.reflow = training_config(quick, steps=20 if quick else 500)
+  c.reflow.ema_decay = 0.99
   c.reflow.pairs = 'pairs'
   c.reflow.init = 'rf'
 
   # The one-step student, distilled from the 2-RF teacher, which solves its (straight)
   # ODE inside each step. Pixel space has no pretrained LPIPS trunk here (nothing can be
   # downloaded), so the loss is pseudo-Huber on pixels, chosen explicitly.
-  c.distill = training_config(quick, steps=20 if quick else 1000)
+  c.distill = training_config(quick, steps=20 if quick else 200)
+  c.distill.ema_decay = 0.99
+  c.distill.optimizer.lr = 5e-4
   c.distill.update(dict(
-      teacher='reflow', init='reflow', student_steps=1, teacher_steps=4 if quick else 8,
+      teacher='reflow', init='reflow', student_steps=1, teacher_steps=4,
       teacher_guidance=1.0, loss='pseudo_huber', loss_after='lpips', switch_step=-1,
       lpips_net='vgg', lpips_trunk_path='', sample_steps=1))
+
+  # The paper's comparison: every model at each number of steps, on held-out prompts.
+  c.eval = ml_collections.ConfigDict(dict(
+      models=('rf', 'reflow', 'distill'),  # stages of this workdir; the first is the teacher
+      labels=dict(rf='1-RF', reflow='2-RF', distill='2-RF + distill'),
+      steps=dict(rf=(1,) if quick else (1, 2, 4, 25), reflow=(1,) if quick else (1, 2, 4, 25),
+                 distill=(1,)),
+      # Each model at the guidance it was made for: the 1-RF at the pairs' w, whose
+      # distribution the 2-RF and the student learned at w=1.
+      guidance=dict(rf=c.pairs.guidance, reflow=1.0, distill=1.0),
+      dopri5=('reflow',) if quick else ('rf', 'reflow'), rtol=1e-2, atol=1e-2,
+      num_prompts=16 if quick else 400,   # the first of the held-out split, fixed noise
+      batch_size=8 if quick else 100,
+      reference_split='train',  # FD floor: real held-out vs as many real training images
+      evaluator='shapes',
+      evaluator_examples=512 if quick else 20000,
+      evaluator_steps=20 if quick else 1000,
+      grid_prompts=8,
+  ))
   return c
 
 

@@ -97,7 +97,7 @@ def captions_of(example: Mapping, caption_key: str) -> list:
   return [_text(v) for v in value]
 
 
-def _model_image(image: np.ndarray, size: int) -> np.ndarray:
+def model_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, C] -> float32 [size, size, 3] in [-1, 1]: shorter side resized, centre crop."""
   if image.ndim == 2 or image.shape[-1] == 1:
     image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
@@ -232,7 +232,7 @@ class ImageTextInput(IndexedInput):
     captions = [self._caption(captions_of(ex, self.caption_key), int(e), int(i))
                 for ex, e, i in zip(examples, epochs, indices)]
     batch = {
-        'image': np.stack([_model_image(np.asarray(_lookup(ex, self.image_key)), self.image_size)
+        'image': np.stack([model_image(np.asarray(_lookup(ex, self.image_key)), self.image_size)
                            for ex in examples]),
         'input_ids': tokenize(self.tokenizer, captions),
     }

@@ -53,8 +53,7 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
   teacher = train_flow.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs.teacher')
   params = dict(pipe.params, unet=teacher)
-  size = pipe.default_size // pipe.vae_scale_factor
-  latent_shape = (size, size, pipe.unet.config.in_channels)
+  latent_shape = pipe.latent_shape
   solver = solver_of(pairs_config)
   ranges = pairs_lib.shard_ranges(pairs_config.num_pairs, pairs_config.shard_size)
   pairs_lib.write_meta(stage_dir, {
@@ -81,10 +80,10 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
       padded = np.concatenate([indices, np.full(batch - len(indices), indices[-1])])
       x0 = pair_noise(config.seed, padded, latent_shape)
       ids = pipe.tokenize(pair_captions(source, config.data.caption_key, padded))
-      x1, nfe = pipeline_lib.sample_latents(pipe.modules, params, ids, uncond_ids, x0,
-                                            jnp.float32(pairs_config.guidance), solver)
-      evaluations.append(int(nfe))
-      x0, x1 = np.asarray(x0), np.asarray(x1)
+      solution = pipeline_lib.sample_latents(pipe.modules, params, ids, uncond_ids, x0,
+                                             jnp.float32(pairs_config.guidance), solver)
+      evaluations.append(int(solution.nfe))
+      x0, x1 = np.asarray(x0), np.asarray(solution.x1)
       records += [{'index': int(i), 'x0': x0[k], 'x1': x1[k], 'input_ids': ids[k]}
                   for k, i in enumerate(indices)]
     pairs_lib.write_shard(pairs_lib.shard_path(stage_dir, j, len(ranges)), records)

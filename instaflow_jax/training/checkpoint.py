@@ -68,6 +68,11 @@ def load_params(path: str, abstract_params, what: str = 'params'):
                           f'{str(e).splitlines()[0]}') from None
 
 
+def top_level_names(path: str) -> set:
+  """The top-level keys of the params tree saved at `path` (read from its metadata)."""
+  return set(ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata.keys())
+
+
 def abstract_like(tree):
   """ShapeDtypeStructs of a pytree of arrays, to restore into."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
