@@ -22,6 +22,7 @@ def get_config(diffusers_path: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = ('rf',)
+  shapes.add_mesh(c)
 
   c.data = ml_collections.ConfigDict(dict(
       name='coco_captions',

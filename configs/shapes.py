@@ -20,6 +20,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = ('rf', 'pairs', 'reflow', 'distill', 'eval')
+  add_mesh(c)
 
   c.data = ml_collections.ConfigDict(dict(
       name='captioned_shapes/size16' if quick else 'captioned_shapes/size24',  # tfds name
@@ -142,3 +143,26 @@ def training_config(quick: bool, steps: int) -> ml_collections.ConfigDict:
   t.sample_steps = 8 if quick else 25
   t.sample_guidance = 1.0
   return t
+
+
+# Logical axes (the models' parameter axes, models/layers.py, and the activations' batch)
+# -> mesh axes. The batch is split over data and fsdp; FSDP shards the input width of the
+# weights, tensor parallelism their output width; norms and embeddings stay whole.
+AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('conv_in', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('conv_out', 'tensor'),
+    ('norm', None),
+    ('vocab', None),
+)
+
+
+def add_mesh(c: ml_collections.ConfigDict) -> None:
+  """How a run spreads over devices (instaflow_jax/parallel.py). By default every device
+  is on `data` (data parallelism); --config.mesh.fsdp=8 shards params and optimizer state
+  over groups of 8 devices (data=-1 takes the rest: 1 on 8 devices, 4 on 32)."""
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the devices left
+  c.axis_rules = AXIS_RULES
+  c.min_shard_size = 2 ** 14  # params with fewer elements stay replicated

@@ -4,6 +4,10 @@ r"""Runs the stages a config names, each in WORKDIR/<stage>/.
 
 A stage already complete is skipped; one that was interrupted resumes from its latest
 checkpoint. Errors the user can fix end the run with one line and a non-zero exit.
+
+The config's `mesh` and `axis_rules` lay the run out over every device. A multi-process
+run starts the same command in every process, with --distributed where JAX finds the
+processes itself (TPU pods, SLURM, Open MPI) or the three flags below (see launch/).
 """
 import logging as std_logging
 import os
@@ -17,6 +21,16 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process run, detected by JAX (TPU pod slices, SLURM, '
+    'Open MPI) where the flags below are not given.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 in a multi-process run '
+    '(default: $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes of the run (default: $JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process, 0 to num_processes - 1 (default: $JAX_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -40,16 +54,28 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def quiet_other_processes() -> None:
+  """Progress lines from process 0 only: the others would repeat them."""
+  import jax
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_chatty_libraries)
   enable_compilation_cache()
-  from instaflow_jax import stages  # after flag parsing: imports jax, tensorflow
+  from instaflow_jax import parallel  # after flag parsing: imports jax, tensorflow
+  from instaflow_jax import stages
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   try:
-    stages.run_all(_CONFIG.value, _WORKDIR.value)
+    parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
+                                    _NUM_PROCESSES.value, _PROCESS_ID.value)
+    quiet_other_processes()
+    with parallel.use(parallel.layout_from_config(_CONFIG.value)):
+      stages.run_all(_CONFIG.value, _WORKDIR.value)
   except stages.USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from instaflow_jax import parallel
 from instaflow_jax.data import shapes  # noqa: F401  (registers 'captioned_shapes' with tfds)
 from instaflow_jax.data.tokenizer import tokenize
 
@@ -56,7 +57,9 @@ def open_source(config: InputConfig):
     raise ValueError(f"tfds dataset '{config.name}' not found; is its builder imported and its "
                      f'name spelled right? ({first_line})') from None
   check_features(builder.info, (config.image_key, config.caption_key) + tuple(config.label_keys))
-  builder.download_and_prepare(file_format='array_record')
+  # Process 0 prepares a shared data_dir alone; the others then find the dataset there.
+  parallel.process_0_first(f'prepare {config.name}',
+                           lambda: builder.download_and_prepare(file_format='array_record'))
   return builder.as_data_source(split=config.split)
 
 

@@ -4,7 +4,9 @@ Pair i has the caption of example i of the prompt split (the captions cycle when
 are more pairs than examples) and the noise X0 ~ N(0, I) drawn from a key folded from
 (seed, i), so any pair can be regenerated alone. Pairs are written in numbered shards
 (instaflow_jax/data/pairs.py); a restarted stage skips the shards on disk, so a killed run
-loses at most the shard in progress. Process p of n writes the shards j with j % n == p.
+loses at most the shard in progress. Process p of n writes the shards j with j % n == p,
+on its own devices (each batch split over them, the teacher replicated): once the teacher
+is loaded, the processes work without waiting for each other until the stage ends.
 """
 import os
 import time
@@ -16,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
@@ -46,23 +49,41 @@ def solver_of(config: ml_collections.ConfigDict) -> samplers.Solver:
   return samplers.Solver(config.solver, config.num_steps, config.rtol, config.atol)
 
 
+def teacher_solver(modules: pipeline_lib.PipelineModules, solver: samplers.Solver,
+                   layout: parallel.Layout):
+  """(params, token_ids, uncond_ids, x0, guidance) -> (X1, NFE), compiled for `layout`:
+  params replicated, the batch split over the batch axes."""
+  def solve(params, token_ids, uncond_ids, x0, guidance):
+    solution = pipeline_lib.sample_latents(modules, params, token_ids, uncond_ids, x0,
+                                           guidance, solver)
+    return solution.x1, solution.nfe
+
+  batch = layout.batch_sharding
+  return jax.jit(solve, in_shardings=(layout.replicated, batch, batch, batch, layout.replicated),
+                 out_shardings=(batch, layout.replicated))
+
+
 def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
   pairs_config = config.pairs
+  layout = parallel.data_parallel(jax.local_devices())
+  layout.check_batch_size(pairs_config.batch_size, 'pairs.batch_size (per process)')
   workdir = os.path.dirname(stage_dir)
   train_flow.stage_params_path(workdir, pairs_config.teacher, 'pairs.teacher')
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
   teacher = train_flow.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs.teacher')
-  params = dict(pipe.params, unet=teacher)
+  params = parallel.put(dict(pipe.params, unet=teacher), layout.replicated)
   latent_shape = pipe.latent_shape
   solver = solver_of(pairs_config)
   ranges = pairs_lib.shard_ranges(pairs_config.num_pairs, pairs_config.shard_size)
-  pairs_lib.write_meta(stage_dir, {
+  meta = {
       'latent_shape': list(latent_shape), 'max_length': int(pipe.tokenizer.model_max_length),
       'num_pairs': pairs_config.num_pairs, 'shard_size': pairs_config.shard_size,
       'num_shards': len(ranges), 'teacher': pairs_config.teacher, 'seed': config.seed,
       'solver': solver.kind, 'num_steps': solver.num_steps, 'rtol': solver.rtol,
       'atol': solver.atol, 'guidance': pairs_config.guidance,
-      'prompts': f'{config.data.name}:{pairs_config.split}'})
+      'prompts': f'{config.data.name}:{pairs_config.split}'}
+  parallel.process_0_first('pairs meta', lambda: pairs_lib.write_meta(stage_dir, meta))
+  solve = teacher_solver(pipe.modules, solver, layout)
   source = input_lib.open_source(train_flow.input_config(config.data, pairs_config.split))
   guided = rectified_flow.uses_guidance(pairs_config.guidance)
   batch = pairs_config.batch_size
@@ -80,10 +101,10 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
       padded = np.concatenate([indices, np.full(batch - len(indices), indices[-1])])
       x0 = pair_noise(config.seed, padded, latent_shape)
       ids = pipe.tokenize(pair_captions(source, config.data.caption_key, padded))
-      solution = pipeline_lib.sample_latents(pipe.modules, params, ids, uncond_ids, x0,
-                                             jnp.float32(pairs_config.guidance), solver)
-      evaluations.append(int(solution.nfe))
-      x0, x1 = np.asarray(x0), np.asarray(solution.x1)
+      x1, nfe = solve(params, *layout.shard_batch((ids, uncond_ids, x0)),
+                      jnp.float32(pairs_config.guidance))
+      evaluations.append(int(nfe))
+      x0, x1 = np.asarray(x0), np.asarray(x1)
       records += [{'index': int(i), 'x0': x0[k], 'x1': x1[k], 'input_ids': ids[k]}
                   for k, i in enumerate(indices)]
     pairs_lib.write_shard(pairs_lib.shard_path(stage_dir, j, len(ranges)), records)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data import input as input_lib
@@ -158,7 +159,7 @@ def train_flow_stage(config: ml_collections.ConfigDict, stage_dir: str,
       batches=data.batches,
       sample_fn=make_sample_fn(pipe, sample_prompts(config, train_config.num_samples),
                                train_config, config.seed),
-      seed=config.seed)
+      seed=config.seed, param_axes=parallel.logical_axes(pipe.unet))
   return {'steps': train_config.steps, 'examples_per_epoch': len(data)}
 
 

@@ -4,12 +4,16 @@ A stage supplies a loss `loss_fn(params, frozen, batch, rng, step) -> (loss, aux
 the frozen networks' params, and the batch at each step; the loop owns the rest:
 resuming from the latest checkpoint, the RNG of step k (fold_in(seed, k)), NaN checks,
 periodic sample grids, SIGTERM, and the final params the next stage reads.
+
+The state is created sharded on the layout that main entered (parallel.current_layout()):
+the step is compiled with explicit shardings, each process feeds its slice of the global
+batch, and every process takes part in checkpoints; only process 0 writes metrics, sample
+grids and the stage's DONE file.
 """
 import dataclasses
 import json
 import os
 import signal
-import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
@@ -22,7 +26,9 @@ from clu import metric_writers
 from clu import periodic_actions
 
 from instaflow_jax import images as image_io
+from instaflow_jax import parallel
 from instaflow_jax.training import checkpoint
+from instaflow_jax.training import state as state_lib
 from instaflow_jax.training.state import TrainState
 from instaflow_jax.training.state import make_optimizer
 
@@ -44,6 +50,10 @@ def is_complete(stage_dir: str) -> bool:
 
 
 def mark_complete(stage_dir: str, summary: Mapping[str, Any]) -> None:
+  """Written by process 0 once every process has finished the stage."""
+  parallel.sync(f'{stage_dir} done')
+  if jax.process_index() > 0:
+    return
   tmp = os.path.join(stage_dir, DONE_FILE + '.tmp')
   with open(tmp, 'w') as f:
     json.dump(dict(summary), f, indent=2)
@@ -51,12 +61,19 @@ def mark_complete(stage_dir: str, summary: Mapping[str, Any]) -> None:
 
 
 def _split_micro_batches(batch, k: int):
-  return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+  """Micro-batch i takes examples i, i + k, i + 2k, ...: each device's block of the batch
+  then holds its share of every micro-batch, so splitting moves no data between devices."""
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1),
+                      batch)
 
 
-def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1):
+def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1,
+                    layout: Optional[parallel.Layout] = None, state_shardings=None):
   """The jitted update; with grad_accum_steps=k the batch is split into k micro-batches
-  whose gradients are averaged, so one step is always one optimizer update."""
+  whose gradients are averaged, so one step is always one optimizer update.
+
+  With a layout, it is compiled for the state's shardings, frozen params and the RNG key
+  replicated and the batch split over the batch axes; the metrics come out replicated."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def loss_and_grads(params, frozen, batch, rng, step):
@@ -80,7 +97,12 @@ def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
     return state.apply_gradients(grads, ema_decay), metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  if layout is None:
+    return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_shardings, layout.replicated, layout.batch_sharding,
+                               layout.replicated),
+                 out_shardings=(state_shardings, layout.replicated))
 
 
 class _JsonlWriter(metric_writers.MetricWriter):
@@ -158,28 +180,57 @@ def _check_finite(metrics, step: int, stage: str, last_good: Optional[int]):
         f'(last good checkpoint: {kept}). Lower the learning rate or check the data.')
 
 
+def _compile_and_meet(train_step, args, stage: str):
+  """The step compiled for `args`. Processes then meet: compiling can take minutes longer
+  on one (a compilation cache miss), and their first collectives must start together."""
+  compiled = train_step.lower(*args).compile()
+  parallel.sync(f'{stage}: compiled')
+  return compiled
+
+
+def _initial_state(checkpointer: checkpoint.Checkpointer, init_params, tx, shardings,
+                   stage: str):
+  """(state, step): the latest checkpoint's, restored straight into `shardings` (whatever
+  mesh wrote it), or a fresh state from `init_params` at step 0."""
+  abstract = checkpoint.with_shardings(state_lib.abstract_state(init_params, tx), shardings)
+  restored = checkpointer.restore_latest(abstract)
+  if restored is None:
+    return TrainState.create_sharded(parallel.put(init_params, shardings.params), tx,
+                                     shardings), 0
+  state, meta = restored
+  logging.info('%s: resumed from step %d', stage, int(meta['step']))
+  return state, int(meta['step'])
+
+
 def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init_params,
           frozen, loss_fn: LossFn, batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
-          sample_fn: Optional[Callable[[Any], np.ndarray]] = None, seed: int = 0):
+          sample_fn: Optional[Callable[[Any], np.ndarray]] = None, seed: int = 0,
+          param_axes=None):
   """Runs (or resumes) training; returns the final EMA params (also saved to disk).
 
-  config: the stage's training section (steps, optimizer, ema_decay, grad_accum_steps,
-    log_every, checkpoint_every, keep_checkpoints, sample_every).
-  batches(start_step): an iterator of batches from that step on.
+  config: the stage's training section (steps, batch_size, optimizer, ema_decay,
+    grad_accum_steps, log_every, checkpoint_every, keep_checkpoints, sample_every).
+  batches(start_step): an iterator of this process's slices of the batches from that step on.
   sample_fn(params): images [N, H, W, 3] in [0, 1] for the periodic grid.
+  param_axes: the logical axes of init_params (parallel.logical_axes(module)), which place
+    them on the mesh; without them (and for `frozen`) params are replicated.
   """
+  layout = parallel.current_layout()
+  layout.check_batch_size(config.batch_size, f'{stage}.batch_size', config.grad_accum_steps)
   os.makedirs(stage_dir, exist_ok=True)
   tx = make_optimizer(config.optimizer, config.steps)
-  state = TrainState.create(init_params, tx)
+  shardings = state_lib.state_shardings(
+      state_lib.abstract_state(init_params, tx),
+      layout.param_shardings(init_params, param_axes), layout.replicated)
   checkpointer = checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'),
                                          config.checkpoint_every, config.keep_checkpoints)
-  restored = checkpointer.restore_latest(checkpoint.abstract_like(state))
-  start_step = 0
-  if restored is not None:
-    state, meta = restored
-    start_step = int(meta['step'])
-    logging.info('%s: resumed from step %d', stage, start_step)
-  train_step = make_train_step(loss_fn, config.ema_decay, config.grad_accum_steps)
+  # Processes that spent different times getting here (compiling, loading) meet before
+  # the collectives of restoring and training.
+  parallel.sync(f'{stage}: train')
+  state, start_step = _initial_state(checkpointer, init_params, tx, shardings, stage)
+  frozen = parallel.put(frozen, layout.replicated)
+  train_step = make_train_step(loss_fn, config.ema_decay, config.grad_accum_steps, layout,
+                               shardings)
   writer = create_writer(stage_dir)
   report = periodic_actions.ReportProgress(num_train_steps=config.steps, writer=writer,
                                            every_steps=config.log_every)
@@ -190,7 +241,10 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   try:
     step = start_step
     for step, batch in zip(range(start_step + 1, config.steps + 1), batches(start_step)):
-      state, metrics = train_step(state, frozen, batch, jax.random.fold_in(base_rng, step))
+      args = (state, frozen, layout.shard_batch(batch), jax.random.fold_in(base_rng, step))
+      if step == start_step + 1:
+        train_step = _compile_and_meet(train_step, args, stage)
+      state, metrics = train_step(*args)
       report(step)
       if step % config.log_every == 0 or step == config.steps:
         metrics = jax.device_get(metrics)
@@ -198,11 +252,13 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
         writer.write_scalars(step, metrics)
       if sample_fn is not None and (step % config.sample_every == 0 or step == config.steps):
         write_sample_grid(writer, stage_dir, step, sample_fn(state.ema_params))
-      if checkpointer.should_save(step) or step == config.steps or sigterm.raised:
+      # Every process must stop at the same step: the checkpoint is written by all of them.
+      preempted = parallel.any_process(sigterm.raised)
+      if checkpointer.should_save(step) or step == config.steps or preempted:
         _check_finite(jax.device_get(metrics), step, stage, last_good)
         checkpointer.save(step, state, {'step': step, 'data_position': step})
         last_good = step
-      if sigterm.raised:
+      if preempted:
         raise Preempted(f'{stage}: SIGTERM at step {step}; checkpoint saved, rerun the same '
                         'command to resume')
     if step < config.steps:

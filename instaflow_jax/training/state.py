@@ -24,11 +24,34 @@ class TrainState(struct.PyTreeNode):
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), tx=tx)
 
+  @classmethod
+  def create_sharded(cls, params, tx: optax.GradientTransformation,
+                     shardings: 'TrainState') -> 'TrainState':
+    """The state made directly in place on the devices: the optimizer moments (and EMA)
+    are created sharded, never whole on one device."""
+    return jax.jit(lambda p: cls.create(p, tx), in_shardings=(shardings.params,),
+                   out_shardings=shardings)(params)
+
   def apply_gradients(self, grads, ema_decay: float) -> 'TrainState':
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, self.ema_params, params)
     return self.replace(step=self.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
+def abstract_state(params, tx: optax.GradientTransformation) -> TrainState:
+  """The state's shapes and dtypes, computed without allocating it."""
+  return jax.eval_shape(lambda p: TrainState.create(p, tx), params)
+
+
+def state_shardings(abstract: TrainState, param_shardings, replicated) -> TrainState:
+  """Shardings of every leaf of the state: params and EMA as `param_shardings`, each
+  optimizer moment as its parameter, the rest (step, counts) `replicated`."""
+  opt_state = optax.tree_map_params(abstract.tx, lambda _, sharding: sharding,
+                                    abstract.opt_state, param_shardings,
+                                    transform_non_params=lambda _: replicated)
+  return abstract.replace(step=replicated, params=param_shardings, ema_params=param_shardings,
+                          opt_state=opt_state)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
