@@ -33,11 +33,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from instaflow_jax import images as image_io
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax.convert import diffusers as diffusers_io
+from instaflow_jax.convert import inception_weights
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import shapes
+from instaflow_jax.evaluation import clip_score
 from instaflow_jax.evaluation import frechet
 from instaflow_jax.evaluation import report
 from instaflow_jax.evaluation import shapes_evaluator
@@ -178,21 +179,18 @@ class InceptionJudge:
   and the CLIP score when `eval.clip_path` names a CLIP model folder."""
 
   def __init__(self, eval_config, captions):
-    from instaflow_jax.convert import inception_weights
-    from instaflow_jax.evaluation import clip_score
     module, variables = inception_weights.load_fid_inception(eval_config.inception_path)
     self._features = jax.jit(lambda images: module.apply(variables, images))
     self.batch_size = eval_config.batch_size
     self.captions = captions
     self.clip = clip_score.TransformersClip(eval_config.clip_path) if eval_config.clip_path else None
-    self._clip_score = clip_score.clip_score
 
   def measure(self, images):
     features = np.concatenate([np.asarray(self._features(images[i:i + self.batch_size]))
                                for i in range(0, len(images), self.batch_size)])
     if self.clip is None:
       return features, {}
-    return features, {'clip_score': self._clip_score(images, self.captions, self.clip)}
+    return features, {'clip_score': clip_score.clip_score(images, self.captions, self.clip)}
 
   def about_real(self, real) -> dict:
     return {'real_clip_score': self.measure(real)[1]['clip_score']} if self.clip else {}

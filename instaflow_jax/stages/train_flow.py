@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
