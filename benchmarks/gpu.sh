@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark, for the lent GPU machine (no internet): ours vs diffusers/transformers at
 # Stable Diffusion 1.5 shapes. See benchmarks/README.md. Run from anywhere:
-#   bash benchmarks/gpu.sh [extra gpu_bench.py flags]
+#   bash benchmarks/gpu.sh [extra bench.py flags]
 # diffusers is not on that machine: its wheel travels in .whl/ (git-ignored, so the run must
 # carry '.whl'). Results go to $OUT (gpu_bench.json, gpu_bench.log).
 set -uo pipefail
@@ -34,5 +34,5 @@ for name in names:
     pass
 print('python', sys.version.split()[0], '|', ', '.join(versions))
 EOF
-  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_bench.py --config sd15 --out "$OUT/gpu_bench.json" "$@"
+  PYTHONUNBUFFERED=1 python3 benchmarks/bench.py --config sd15 --out "$OUT/gpu_bench.json" "$@"
 } 2>&1 | tee "$OUT/gpu_bench.log"

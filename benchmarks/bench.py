@@ -1,14 +1,15 @@
-"""Ours (Flax) against the PyTorch reference (diffusers / transformers) at Stable Diffusion 1.5
-shapes, with random weights (nothing is downloaded).
+"""Ours (Flax) against the PyTorch reference (diffusers / transformers), same weights, same
+inputs, same machine, with random weights (nothing is downloaded).
 
-  python3 benchmarks/gpu_bench.py --config sd15 --out gpu_bench.json   # on a GPU, ~4.5 min
-  python3 benchmarks/gpu_bench.py --config small --repeats 2            # a CPU smoke run
+  .venv/bin/python benchmarks/bench.py --config small          # this CPU, float32, ~5 min
+  python3 benchmarks/bench.py --config sd15 --out bench.json   # SD 1.5 shapes, bf16, a GPU
 
 The reference models are built from their configs with a fixed seed and their state dicts
 are converted into ours with torch_state_to_flax, so both sides compute the same function;
-one float32 forward pass checks that. Then, in bfloat16: one-step generation (text encoder
-on the padded tokens, one U-Net evaluation at time 1000, VAE decode), the U-Net alone, and a
-U-Net training step (bf16 compute, f32 master weights, AdamW).
+one float32 forward pass checks that. Then, in the config's compute dtype: one-step
+generation (text encoder on the padded tokens, one U-Net evaluation at time 1000, VAE
+decode), the U-Net alone, the pairs stage's teacher solve (text encoder, 25 Euler steps
+with classifier-free guidance), and a U-Net training step (f32 master weights, AdamW).
 
 Each framework runs in a child process of its own: neither holds GPU memory the other needs,
 peak-memory counters start clean, and a hard time limit can end one without losing the
@@ -57,6 +58,10 @@ class BenchConfig:
   unet_batches: tuple = (1, 8)
   train_batch: int = 8
   check_latent_size: int = 8
+  pairs_batch: int = 8       # prompts per teacher solve
+  pairs_steps: int = 25      # Euler steps of the teacher
+  guidance: float = 5.0      # classifier-free guidance of the teacher (the paper's w)
+  dtype: str = 'bfloat16'    # compute dtype of every measurement but the float32 check
   xla_flags: str = ''        # added to XLA_FLAGS in our child
 
   @property
@@ -100,23 +105,28 @@ CONFIGS = {
         unet=_sd_unet((320, 640, 1280, 1280), 2, 8, 768, 32, 64, levels_with_attention=3),
         vae=_sd_vae((128, 256, 512, 512), 2, 32, 512),
         text=_clip_text(49408, 768, 12, 12, 3072),
-        budget_s=260, torch_reserve_s=75, compile_min_left_s=40, run_reserve_s=30),
+        budget_s=300, torch_reserve_s=100, compile_min_left_s=40, run_reserve_s=30),
+    # SD 1.5's layout scaled down to run in seconds on a CPU (8.6M-parameter U-Net, 16x16
+    # latents, 128px images), in float32: a CPU has no fast bf16.
     'small': BenchConfig(
-        unet=_sd_unet((32, 64), 1, 4, 32, 8, 8, levels_with_attention=1),
-        vae=_sd_vae((32, 64), 1, 8, 16),
-        text=_clip_text(1000, 32, 2, 4, 64),
-        budget_s=120, torch_reserve_s=20, compile_min_left_s=15, run_reserve_s=12,
-        e2e_batches=(1, 4), unet_batches=(1, 2), train_batch=2,
-        # A smoke run: compile fast rather than well (XLA compiles dominate on a small CPU).
-        xla_flags='--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'),
+        unet=_sd_unet((32, 64, 128, 128), 2, 4, 64, 8, 16, levels_with_attention=3),
+        vae=_sd_vae((32, 64, 64, 64), 1, 8, 128),
+        text=_clip_text(1000, 64, 2, 4, 128),
+        budget_s=900, torch_reserve_s=420, compile_min_left_s=120, run_reserve_s=30,
+        e2e_batches=(1, 8), unet_batches=(1, 8), train_batch=8, pairs_batch=4,
+        dtype='float32'),
 }
 
 
 # ---- Inputs, the same numpy arrays on both sides ---------------------------------------
 
-def token_ids(cfg: BenchConfig, batch: int) -> np.ndarray:
+def token_ids(cfg: BenchConfig, batch: int, seed: int = 1) -> np.ndarray:
+  """Random prompts (seed 1), or with another seed the negative prompts of guidance."""
   shape = (batch, cfg.text['max_position_embeddings'])
-  return np.random.RandomState(1).randint(0, cfg.text['vocab_size'], shape).astype(np.int32)
+  return np.random.RandomState(seed).randint(0, cfg.text['vocab_size'], shape).astype(np.int32)
+
+
+UNCOND_SEED = 6
 
 
 def normal(seed: int, shape) -> np.ndarray:
@@ -176,6 +186,34 @@ def per_item(result: dict, items: int) -> dict:
   return dict(result, items=items, items_per_s=items / result['median_s'])
 
 
+def _rss_kib(field: str) -> int:
+  with open('/proc/self/status') as f:
+    return int(next(line for line in f if line.startswith(field)).split()[1])
+
+
+def cpu_peak_bytes(call: Callable[[], Any], wait: Callable[[Any], Any]) -> Optional[int]:
+  """How far one call raises the process's resident memory above where it stood (Linux).
+
+  Neither torch nor XLA keeps CPU allocator statistics, so both sides are measured the same
+  way: glibc is first made to hand freed memory back (malloc_trim) and to map every block
+  of 64 KiB or more on its own (a fixed mmap threshold), so that what a call allocates shows
+  in the resident set and what it frees leaves it; then the kernel's peak (VmHWM) is reset
+  and read after the call. Call it after timing: the allocator change can cost speed."""
+  import ctypes
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.malloc_trim(0)
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')  # resets VmHWM to the current resident set
+  except OSError:
+    return None
+  before = _rss_kib('VmRSS:')
+  wait(call())
+  return 1024 * (_rss_kib('VmHWM:') - before)
+
+
 class Recorder:
   """One child's results, rewritten to its file after every change (the parent may kill it)."""
 
@@ -208,6 +246,12 @@ class Recorder:
     self._write()
     self.log(f'{impl} {name}: {_summary(result)}')
 
+  def update(self, name: str, impl: str, **values) -> None:
+    """Adds values to a recorded measurement."""
+    self.data['measurements'].setdefault(name, {}).setdefault(impl, {}).update(values)
+    self._write()
+    self.log(f'{impl} {name}: {values}')
+
   def _write(self) -> None:
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
@@ -231,17 +275,28 @@ def _summary(result: dict) -> str:
 def build_reference(cfg: BenchConfig) -> dict:
   """diffusers/transformers models with seeded random weights, float32, on the CPU.
 
-  Built on the CPU in both children so that both get the same weights. Torch gets half
-  the cores: on a fully subscribed CPU its OpenMP threads spin against the other work and
-  run 100x slower."""
+  Built on the CPU in both children so that both get the same weights."""
   import torch
   from diffusers import AutoencoderKL, UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
-  torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
   torch.manual_seed(SEED)
   return dict(unet=UNet2DConditionModel(**cfg.unet).eval(),
               vae=AutoencoderKL(**cfg.vae).eval(),
               text_encoder=CLIPTextModel(CLIPTextConfig(**cfg.text)).eval())
+
+
+def torch_teacher_pairs(parts: dict, ids, uncond_ids, noise, cfg: BenchConfig):
+  """The pairs stage's teacher: N Euler steps at times (1 - i/N)*1000 with classifier-free
+  guidance, both branches in one batch [uncond; text] (as the released pipeline does)."""
+  import torch
+  states = torch.cat([parts['text_encoder'](uncond_ids)[0], parts['text_encoder'](ids)[0]])
+  x, n = noise, cfg.pairs_steps
+  for i in range(n):
+    t = torch.full((2 * x.shape[0],), TIMESTEP * (1 - i / n), device=x.device)
+    v = parts['unet'](torch.cat([x, x]), t, encoder_hidden_states=states, return_dict=False)[0]
+    v_uncond, v_text = v.chunk(2)
+    x = x + (v_uncond + cfg.guidance * (v_text - v_uncond)) / n
+  return x
 
 
 def torch_generate(parts: dict, ids, noise, scaling_factor: float):
@@ -257,12 +312,15 @@ def torch_generate(parts: dict, ids, noise, scaling_factor: float):
 # ---- Ours -------------------------------------------------------------------------------
 
 def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
+  import instaflow_jax  # noqa: F401  (first: its XLA flags apply to the backend started here)
   import jax
   import jax.numpy as jnp
   devices = jax.devices()  # initialise the accelerator before torch is imported
   import flax
   import optax
+  from instaflow_jax import pipeline
   from instaflow_jax.convert import diffusers as diffusers_io
+  from instaflow_jax.flow import samplers
 
   rec.put('environment', OURS, dict(
       jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
@@ -274,12 +332,14 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
                               param_dtype=param_dtype)
             for name, spec in diffusers_io.COMPONENTS.items()}
 
+  compute = jnp.dtype(cfg.dtype)
   f32 = modules(jnp.float32, jnp.float32)
-  bf16 = modules(jnp.bfloat16, jnp.bfloat16)
-  train_unet = modules(jnp.bfloat16, jnp.float32)['unet']
+  low = modules(compute, compute)
+  train_unet = modules(compute, jnp.float32)['unet']
+  the_modules = pipeline.PipelineModules(low['unet'], low['vae'], low['text_encoder'])
   reference, params = _reference_params(cfg, f32, rec)
   params = jax.device_put(params)
-  params_bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  params_low = jax.tree.map(lambda p: p.astype(compute), params)
   scaling_factor = f32['vae'].config.scaling_factor
   tx = optax.adamw(ADAMW['lr'], b1=ADAMW['b1'], b2=ADAMW['b2'], eps=ADAMW['eps'],
                    weight_decay=ADAMW['weight_decay'])
@@ -293,14 +353,16 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
     return states, v, decoded
 
   def generate(p, ids, noise):
-    from instaflow_jax import pipeline
-    from instaflow_jax.flow import samplers
-    the_modules = pipeline.PipelineModules(bf16['unet'], bf16['vae'], bf16['text_encoder'])
     return pipeline.sample_images(the_modules, p, ids, None, noise, jnp.float32(0.0),
                                   samplers.Solver('euler', 1))[0]
 
+  def teacher_pairs(p, ids, uncond_ids, noise):
+    return pipeline.sample_latents(the_modules, p, ids, uncond_ids, noise,
+                                   jnp.float32(cfg.guidance),
+                                   samplers.Solver('euler', cfg.pairs_steps)).x1
+
   def unet_forward(p, x, t, states):
-    return bf16['unet'].apply({'params': p}, x, t, states)
+    return low['unet'].apply({'params': p}, x, t, states)
 
   def train_step(state, batch):
     unet_params, opt_state = state
@@ -316,16 +378,20 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
   check_inputs = (params, token_ids(cfg, 1), latents(cfg, 1, cfg.check_latent_size))
   shape_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   abstract_state = jax.tree.map(shape_of, (params['unet'], jax.eval_shape(tx.init, params['unet'])))
-  bf16_in = lambda x: jnp.asarray(x, jnp.bfloat16)
+  low_in = lambda x: jnp.asarray(x, compute)
   tasks = {}  # name -> (function, arguments, matmul precision, donated arguments)
   if reference:
     tasks['check'] = (check_fn, check_inputs, 'highest', ())
   for b in cfg.e2e_batches:
-    inputs = jax.device_put((token_ids(cfg, b), latents(cfg, b)))
-    tasks[f'e2e_b{b}'] = (generate, (params_bf16,) + inputs, None, ())
+    inputs = jax.device_put((token_ids(cfg, b), low_in(latents(cfg, b))))
+    tasks[f'e2e_b{b}'] = (generate, (params_low,) + inputs, None, ())
   for b in cfg.unet_batches:
-    inputs = (bf16_in(latents(cfg, b)), jnp.full((b,), TIMESTEP), bf16_in(text_states(cfg, b)))
-    tasks[f'unet_b{b}'] = (unet_forward, (params_bf16['unet'],) + inputs, None, ())
+    inputs = (low_in(latents(cfg, b)), jnp.full((b,), TIMESTEP), low_in(text_states(cfg, b)))
+    tasks[f'unet_b{b}'] = (unet_forward, (params_low['unet'],) + inputs, None, ())
+  b = cfg.pairs_batch
+  inputs = jax.device_put((token_ids(cfg, b), token_ids(cfg, b, UNCOND_SEED),
+                           low_in(latents(cfg, b))))
+  tasks[f'pairs_b{b}'] = (teacher_pairs, (params_low,) + inputs, None, ())
   batch = jax.device_put(train_batch(cfg))
   tasks[f'train_b{cfg.train_batch}'] = (train_step, (abstract_state, batch), None, (0,))
   rec.log(f'compiling {len(tasks)} executables, {args.compile_workers} at a time')
@@ -347,6 +413,10 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
       np.save(os.path.join(args.scratch, f'{OURS}_{name}.npy'), np.asarray(exe(*args_), np.float32))
     return per_item(dict(result, compile_s=compile_s, **_jax_memory(exe, devices[0])), items)
 
+  def pairs():
+    name = f'pairs_b{cfg.pairs_batch}'
+    return timed(name, tasks[name][1], cfg.pairs_batch, save=True)
+
   if reference:
     rec.measure('check', OURS, lambda: _check(executable('check')[0], check_inputs, reference,
                                               scaling_factor))
@@ -356,7 +426,7 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
   for b in cfg.unet_batches:
     name = f'unet_b{b}'
     rec.measure(name, OURS, lambda: timed(name, tasks[name][1], b, save=b == 1), need_s=5)
-  del params_bf16
+  rec.measure(f'pairs_b{cfg.pairs_batch}', OURS, pairs, need_s=10)
 
   def train():
     exe, compile_s = executable(f'train_b{cfg.train_batch}')
@@ -367,8 +437,11 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
       return loss
 
     result = time_calls(step, jax.block_until_ready, args.repeats)
-    return per_item(dict(result, compile_s=compile_s, final_loss=float(step()),
-                         **_jax_memory(exe, devices[0])), cfg.train_batch)
+    result = dict(result, compile_s=compile_s, final_loss=float(step()),
+                  **_jax_memory(exe, devices[0]))
+    if devices[0].platform == 'cpu':  # last: it changes the allocator (see cpu_peak_bytes)
+      result['cpu_peak_bytes'] = cpu_peak_bytes(step, jax.block_until_ready)
+    return per_item(result, cfg.train_batch)
 
   rec.measure(f'train_b{cfg.train_batch}', OURS, train, need_s=5)
 
@@ -487,6 +560,8 @@ def run_torch(cfg: BenchConfig, args, rec: Recorder) -> None:
       name=torch.cuda.get_device_name() if cuda else 'cpu'))
   rec.log('building the reference models')
   reference = build_reference(cfg)
+  torch.set_num_threads(os.cpu_count() or 1)  # XLA uses every core too
+  compute = getattr(torch, cfg.dtype)
   scaling_factor = reference['vae'].config.scaling_factor
   on_device = lambda x: torch.from_numpy(x).to(device)
 
@@ -509,53 +584,62 @@ def run_torch(cfg: BenchConfig, args, rec: Recorder) -> None:
       np.save(os.path.join(args.scratch, f'{impl}_{name}.npy'), save(call()))
     return per_item(memory(result), items)
 
-  def bf16_parts():
-    models = {k: copy.deepcopy(m).to(device=device, dtype=torch.bfloat16)
-              for k, m in reference.items()}
+  def low_parts():
+    models = {k: copy.deepcopy(m).to(device=device, dtype=compute) for k, m in reference.items()}
     return dict(text_encoder=models['text_encoder'], unet=models['unet'],
                 decode=models['vae'].decode)
 
   def inference(impl, parts, order, need_s):
     for kind, b in order:
       name = f'{kind}_b{b}'
+      ids = on_device(token_ids(cfg, b)).long()
+      noise = on_device(nchw(latents(cfg, b))).to(compute)
       if kind == 'e2e':
-        ids, noise = on_device(token_ids(cfg, b)).long(), on_device(nchw(latents(cfg, b)))
-        noise = noise.to(torch.bfloat16)
         call = lambda: torch_generate(parts, ids, noise, scaling_factor)
+      elif kind == 'pairs':
+        uncond_ids = on_device(token_ids(cfg, b, UNCOND_SEED)).long()
+        call = lambda: torch_teacher_pairs(parts, ids, uncond_ids, noise, cfg)
       else:
-        noise = on_device(nchw(latents(cfg, b))).to(torch.bfloat16)
         t = torch.full((b,), TIMESTEP, device=device)
-        states = on_device(text_states(cfg, b)).to(torch.bfloat16)
+        states = on_device(text_states(cfg, b)).to(compute)
         call = lambda: parts['unet'](noise, t, encoder_hidden_states=states, return_dict=False)[0]
-      save = (lambda out: nhwc(out.float().cpu().numpy())) if b == 1 else None
+      save = (lambda out: nhwc(out.float().cpu().numpy())) if b == 1 or kind == 'pairs' else None
       rec.measure(name, impl, lambda: timed(impl, name, call, b, save), need_s=need_s)
 
-  order = ([('e2e', b) for b in cfg.e2e_batches] + [('unet', b) for b in cfg.unet_batches])
+  order = ([('e2e', b) for b in cfg.e2e_batches] + [('unet', b) for b in cfg.unet_batches]
+           + [('pairs', cfg.pairs_batch)])
   with torch.inference_mode():
-    inference(EAGER, bf16_parts(), order, need_s=5)
+    inference(EAGER, low_parts(), order, need_s=5)
   if cuda:
     torch.cuda.empty_cache()
 
-  rec.measure(f'train_b{cfg.train_batch}', EAGER,
-              lambda: _torch_train(cfg, reference['unet'], device, timed), need_s=5)
+  train_name, train_step = f'train_b{cfg.train_batch}', []
+  rec.measure(train_name, EAGER,
+              lambda: _torch_train(cfg, reference['unet'], device, compute, timed, train_step),
+              need_s=5)
   if cuda:
     torch.cuda.empty_cache()
+  if args.torch_compile == 'on' or (args.torch_compile == 'auto' and cuda):
+    _torch_compiled_inference(cfg, low_parts, order, inference)
+  if train_step and not cuda:  # last: it changes the allocator (see cpu_peak_bytes)
+    rec.update(train_name, EAGER, cpu_peak_bytes=cpu_peak_bytes(train_step[0], wait))
 
-  if args.torch_compile == 'off' or (args.torch_compile == 'auto' and not cuda):
-    return
+
+def _torch_compiled_inference(cfg: BenchConfig, low_parts, order, inference) -> None:
+  import torch
   # Static shapes: each batch size gets its own graph, as our jit does.
   torch._dynamo.config.automatic_dynamic_shapes = False
   torch._dynamo.config.cache_size_limit = 32
-  rec.log('torch.compile')
   with torch.inference_mode():
-    parts = {k: torch.compile(m) for k, m in bf16_parts().items()}
+    parts = {k: torch.compile(m) for k, m in low_parts().items()}
     # The U-Net graph of unet_b1 is the one e2e_b1 needs, so that order compiles least.
     compile_order = sorted(order, key=lambda kb: (kb[1], kb[0] == 'e2e'))
     inference(COMPILED, parts, compile_order, need_s=cfg.compile_min_left_s)
 
 
-def _torch_train(cfg: BenchConfig, unet_cpu, device, timed) -> dict:
-  """Autocast bf16 forward, f32 master weights, backward, AdamW step."""
+def _torch_train(cfg: BenchConfig, unet_cpu, device, compute, timed, keep_step: list) -> dict:
+  """Forward (under autocast when the compute dtype is not float32), f32 master weights,
+  backward, AdamW step. The step is appended to keep_step, for a later memory measurement."""
   import torch
   unet = copy.deepcopy(unet_cpu).to(device).train()
   adamw = dict(lr=ADAMW['lr'], betas=(ADAMW['b1'], ADAMW['b2']), eps=ADAMW['eps'],
@@ -568,7 +652,7 @@ def _torch_train(cfg: BenchConfig, unet_cpu, device, timed) -> dict:
            for k, v in train_batch(cfg).items()}
 
   def step():
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
       v = unet(batch['x'], batch['t'], encoder_hidden_states=batch['context'],
                return_dict=False)[0]
     loss = torch.nn.functional.mse_loss(v.float(), batch['target'])
@@ -580,6 +664,7 @@ def _torch_train(cfg: BenchConfig, unet_cpu, device, timed) -> dict:
   result = timed(EAGER, 'train', step, cfg.train_batch)
   result['final_loss'] = step().item()
   result['optimizer'] = 'AdamW(fused)' if optimizer.defaults.get('fused') else 'AdamW'
+  keep_step.append(step)
   return result
 
 
@@ -638,10 +723,10 @@ def merge(parts: Dict[str, dict]) -> dict:
   return merged
 
 
-def bf16_agreement(scratch: str) -> dict:
-  """Max relative difference of ours vs eager torch on the batch-1 bf16 outputs."""
+def agreement(cfg: BenchConfig, scratch: str) -> dict:
+  """Max relative difference of ours vs eager torch on the saved outputs (batch 1, pairs)."""
   diffs = {}
-  for name in ('e2e_b1', 'unet_b1'):
+  for name in ('e2e_b1', 'unet_b1', f'pairs_b{cfg.pairs_batch}'):
     files = [os.path.join(scratch, f'{impl}_{name}.npy') for impl in (OURS, EAGER)]
     if all(os.path.exists(f) for f in files):
       diffs[name] = max_rel_diff(*(np.load(f) for f in files))
@@ -665,7 +750,6 @@ def _ratio(ours: Optional[dict], ref: Optional[dict]) -> str:
 def table(cfg: BenchConfig, results: dict) -> str:
   """Ours vs the reference; ratio = reference time / our time (above 1: ours is faster)."""
   rows = []
-  gib = 2.0 ** 30
   ms = lambda r: 1e3 * r['median_s']
   for b in cfg.e2e_batches:
     unit, value, fmt = (('ms', ms, '{:.1f}') if b == 1 else
@@ -673,6 +757,8 @@ def table(cfg: BenchConfig, results: dict) -> str:
     rows.append((f'e2e {cfg.image_size}px b{b} ({unit})', f'e2e_b{b}', value, fmt))
   for b in cfg.unet_batches:
     rows.append((f'unet b{b} (ms)', f'unet_b{b}', ms, '{:.2f}'))
+  rows.append((f'pairs b{cfg.pairs_batch}, {cfg.pairs_steps} steps w={cfg.guidance:g} (pairs/s)',
+               f'pairs_b{cfg.pairs_batch}', lambda r: r['items_per_s'], '{:.2f}'))
   train = f'train_b{cfg.train_batch}'
   rows.append((f'train b{cfg.train_batch} {cfg.latent_size}x{cfg.latent_size} (img/s)', train,
                lambda r: r['items_per_s'], '{:.2f}'))
@@ -688,10 +774,15 @@ def table(cfg: BenchConfig, results: dict) -> str:
                  f'{_ratio(m.get(OURS), m.get(COMPILED)):>7}')
   m = measurements.get(train, {})
   ours, eager = m.get(OURS) or {}, m.get(EAGER) or {}
-  mem = lambda r, key: f'{r[key] / gib:.1f} GiB' if key in r else 'n/a'
-  lines.append(f"train peak memory: ours {mem(ours, 'exe_bytes')} (executable), "
-               f"{mem(ours, 'process_peak_bytes')} (process peak); "
-               f"torch {mem(eager, 'peak_bytes')}")
+  mem = lambda r, key: _size(r[key]) if r.get(key) is not None else 'n/a'
+  if 'cpu_peak_bytes' in ours or 'cpu_peak_bytes' in eager:
+    lines.append(f"train step peak memory above the resident set: ours "
+                 f"{mem(ours, 'cpu_peak_bytes')}, torch {mem(eager, 'cpu_peak_bytes')}; "
+                 f"ours {mem(ours, 'exe_bytes')} by the compiler (arguments + outputs + temps)")
+  else:
+    lines.append(f"train peak memory: ours {mem(ours, 'exe_bytes')} (executable), "
+                 f"{mem(ours, 'process_peak_bytes')} (process peak); "
+                 f"torch {mem(eager, 'peak_bytes')}")
   compile_line = []
   for name in [r[1] for r in rows]:
     ours_s = (measurements.get(name, {}).get(OURS) or {}).get('compile_s')
@@ -705,8 +796,13 @@ def table(cfg: BenchConfig, results: dict) -> str:
   check = measurements.get('check', {}).get(OURS)
   lines.append(f'fp32 max rel diff vs reference ({cfg.check_latent_size}x'
                f'{cfg.check_latent_size} latents): {_format_diffs(check)}')
-  lines.append(f"bf16 max rel diff vs eager reference: {_format_diffs(results.get('bf16_agreement'))}")
+  lines.append(f"{cfg.dtype} max rel diff vs eager reference: "
+               f"{_format_diffs(results.get('agreement'))}")
   return '\n'.join(lines)
+
+
+def _size(n: int) -> str:
+  return f'{n / 2 ** 30:.1f} GiB' if n >= 2 ** 30 else f'{n / 2 ** 20:.0f} MiB'
 
 
 def _format_diffs(diffs: Optional[dict]) -> str:
@@ -758,9 +854,9 @@ def main(argv=None) -> None:
         with open(path) as f:
           parts[section] = json.load(f)
     results.update(merge(parts))
-    results['bf16_agreement'] = bf16_agreement(scratch)
+    results['agreement'] = agreement(cfg, scratch)
   results['wall_s'] = time.time() - start
-  print(f'\n== {args.config}: ours (Flax) vs reference (diffusers/transformers), bf16, '
+  print(f'\n== {args.config}: ours (Flax) vs reference (diffusers/transformers), {cfg.dtype}, '
         f'median of {args.repeats}; wall {results["wall_s"]:.0f} s')
   for section, env in (results.get('environment') or {}).items():
     print(f'   {section}: {env}')
