@@ -105,7 +105,7 @@ CONFIGS = {
         unet=_sd_unet((320, 640, 1280, 1280), 2, 8, 768, 32, 64, levels_with_attention=3),
         vae=_sd_vae((128, 256, 512, 512), 2, 32, 512),
         text=_clip_text(49408, 768, 12, 12, 3072),
-        budget_s=300, torch_reserve_s=100, compile_min_left_s=40, run_reserve_s=30),
+        budget_s=280, torch_reserve_s=90, compile_min_left_s=40, run_reserve_s=30),
     # SD 1.5's layout scaled down to run in seconds on a CPU (8.6M-parameter U-Net, 16x16
     # latents, 128px images), in float32: a CPU has no fast bf16.
     'small': BenchConfig(
