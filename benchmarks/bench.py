@@ -62,7 +62,6 @@ class BenchConfig:
   pairs_steps: int = 25      # Euler steps of the teacher
   guidance: float = 5.0      # classifier-free guidance of the teacher (the paper's w)
   dtype: str = 'bfloat16'    # compute dtype of every measurement but the float32 check
-  xla_flags: str = ''        # added to XLA_FLAGS in our child
 
   @property
   def latent_size(self) -> int:
@@ -680,9 +679,6 @@ def run_child(args, section: str, deadline: float, path: str) -> dict:
              '--partial', path, '--scratch', args.scratch, '--torch-compile', args.torch_compile,
              '--compile-workers', str(args.compile_workers)]
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  cfg = CONFIGS[args.config]
-  if section == OURS and cfg.xla_flags:
-    env['XLA_FLAGS'] = ' '.join(filter(None, [env.get('XLA_FLAGS'), cfg.xla_flags]))
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
   start = time.time()
   child = subprocess.Popen(command, env=env, start_new_session=True)

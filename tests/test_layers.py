@@ -35,8 +35,11 @@ def test_conv_module_matches_lax_on_both_paths(size):
   module = layers.conv(6, 'conv', kernel_size=3)
   x = jnp.asarray(np.random.RandomState(1).randn(2, size, size, 4), jnp.float32)
   params = nn.meta.unbox(module.init(jax.random.key(0), x))['params']
+  apply = lambda x: module.apply({'params': params}, x)
+  uses_library_conv = 'conv_general_dilated' in str(jax.make_jaxpr(apply)(x))
+  assert uses_library_conv == (size * size > layers._CPU_MATMUL_CONV_MAX_PIXELS)
   expected = _lax_conv(x, params['kernel'], (1, 1), ((1, 1), (1, 1))) + params['bias']
-  np.testing.assert_allclose(module.apply({'params': params}, x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(apply(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('is_causal,with_mask', [(False, False), (True, False), (True, True)])

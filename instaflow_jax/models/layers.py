@@ -64,14 +64,18 @@ def _on_cpu() -> bool:
 _CPU_MATMUL_CONV_MAX_PIXELS = 4
 
 
+def _conv_output_size(size: int, kernel: int, stride: int, padding: Tuple[int, int]) -> int:
+  return (size + sum(padding) - kernel) // stride + 1
+
+
 def _conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int],
                     padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> jax.Array:
   """The convolution as one matmul: the kh*kw shifted (strided) views of the padded input,
   concatenated on channels in the kernel's HWIO order."""
   kh, kw, cin, cout = kernel.shape
+  out_h = _conv_output_size(x.shape[1], kh, strides[0], padding[0])
+  out_w = _conv_output_size(x.shape[2], kw, strides[1], padding[1])
   x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
-  out_h = (x.shape[1] - kh) // strides[0] + 1
-  out_w = (x.shape[2] - kw) // strides[1] + 1
   views = [jax.lax.slice(x, (0, i, j, 0),
                          (x.shape[0], i + strides[0] * (out_h - 1) + 1,
                           j + strides[1] * (out_w - 1) + 1, cin), (1,) + strides + (1,))
@@ -98,8 +102,8 @@ class Conv(nn.Module):
         (k, k, x.shape[-1], self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = (self.strides, self.strides)
-    out_pixels = ((x.shape[1] + sum(self.padding[0]) - k) // self.strides + 1) * (
-        (x.shape[2] + sum(self.padding[1]) - k) // self.strides + 1)
+    out_pixels = (_conv_output_size(x.shape[1], k, self.strides, self.padding[0])
+                  * _conv_output_size(x.shape[2], k, self.strides, self.padding[1]))
     if _on_cpu() and out_pixels <= _CPU_MATMUL_CONV_MAX_PIXELS:
       y = _conv_as_matmul(x, kernel, strides, self.padding)
     else:
