@@ -224,8 +224,9 @@ class UpDecoderBlock2D(nn.Module):
 
 def _output_head(x: jax.Array, features: int, config: AutoencoderConfig, kw: dict) -> jax.Array:
   """conv_norm_out, SiLU (whatever act_fn says, as in diffusers), conv_out."""
-  x = layers.group_norm(config.norm_num_groups, _NORM_EPS, 'conv_norm_out', **kw)(x)
-  return layers.conv(features, 'conv_out', **kw)(nn.silu(x))
+  x = layers.group_norm(config.norm_num_groups, _NORM_EPS, 'conv_norm_out', activation='silu',
+                        **kw)(x)
+  return layers.conv(features, 'conv_out', **kw)(x)
 
 
 class Encoder(nn.Module):

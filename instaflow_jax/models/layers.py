@@ -58,6 +58,34 @@ def _on_cpu() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+def recomputed_in_backward(fn):
+  """fn(x, *params), with a backward pass that keeps only the inputs and recomputes fn's
+  intermediates from them: for the cheap elementwise chains (norms, activations) whose
+  every intermediate autodiff would otherwise keep until the backward pass.
+
+  Not jax.checkpoint: XLA:CPU drops its optimization barriers before scheduling, merges
+  the recomputation with the forward pass and keeps the intermediates after all. Here the
+  recomputation starts from x tied to the incoming gradient (`_after`)."""
+  @jax.custom_vjp
+  def apply(*args):
+    return fn(*args)
+
+  def forward(*args):
+    return fn(*args), args
+
+  def backward(args, grad):
+    return jax.vjp(fn, _after(args[0], grad), *args[1:])[1](grad)
+
+  apply.defvjp(forward, backward)
+  return apply
+
+
+def _after(x: jax.Array, grad: jax.Array) -> jax.Array:
+  """x, made to depend on `grad` (plus 0 times one of its elements: exact for a finite
+  gradient), so that XLA computes nothing from it before the gradient exists."""
+  return x + (0 * grad[(0,) * grad.ndim]).astype(x.dtype)
+
+
 # At or below this many output pixels per image, XLA's CPU convolution is up to 15x slower
 # than one matmul on the gathered patches (measured, 3x3, batch 8: 2x2x128 1.39 ms vs 0.11 ms,
 # 2x2x256 5.7 ms vs 0.32 ms; gradients 4.1 vs 0.41 ms). From 4x4 up the library conv wins.
@@ -116,15 +144,17 @@ class Conv(nn.Module):
     return y
 
 
-def group_norm(num_groups: int, epsilon: float, name: str, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> 'GroupNorm':
-  """torch nn.GroupNorm over the channel (last) axis."""
-  return GroupNorm(num_groups, epsilon, dtype, param_dtype, name=name)
+def group_norm(num_groups: int, epsilon: float, name: str, *, activation: Optional[str] = None,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> 'GroupNorm':
+  """torch nn.GroupNorm over the channel (last) axis, then `activation` if given."""
+  return GroupNorm(num_groups, epsilon, activation, dtype, param_dtype, name=name)
 
 
 class GroupNorm(nn.Module):
   """nn.GroupNorm's parameters (scale, bias) and torch's result: statistics in float32 with
-  the two-pass variance (the fast variance loses parity).
+  the two-pass variance (the fast variance loses parity), then `activation` if given. The
+  backward pass recomputes it from the input (recomputed_in_backward), keeping one tensor
+  where autodiff kept four.
 
   The sums run over the pixels first, then over each group's channels: XLA on a CPU ran
   nn.GroupNorm's one reduction over the (pixels, group channels) axes 3x slower than these
@@ -132,6 +162,7 @@ class GroupNorm(nn.Module):
   """
   num_groups: int
   epsilon: float
+  activation: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -146,28 +177,55 @@ class GroupNorm(nn.Module):
     bias = self.param('bias', _with_axes(nn.initializers.zeros_init(), ('norm',)),
                       (channels,), self.param_dtype)
     per_group = channels // self.num_groups
-    flat = x.astype(jnp.float32).reshape(x.shape[0], -1, channels)
-    count = flat.shape[1] * per_group
+    act = activation(self.activation) if self.activation else (lambda y: y)
 
-    def group_mean(values):  # [batch, pixels, channels] -> [batch, 1, channels]
-      sums = jnp.sum(values, axis=1).reshape(x.shape[0], self.num_groups, per_group)
-      return jnp.repeat(jnp.sum(sums, axis=-1) / count, per_group, axis=-1)[:, None, :]
+    def normalise(x, scale, bias):
+      flat = x.astype(jnp.float32).reshape(x.shape[0], -1, channels)
+      count = flat.shape[1] * per_group
 
-    centred = flat - group_mean(flat)
-    inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)
-    y = centred * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-    return y.reshape(x.shape).astype(self.dtype)
+      def group_mean(values):  # [batch, pixels, channels] -> [batch, 1, channels]
+        sums = jnp.sum(values, axis=1).reshape(x.shape[0], self.num_groups, per_group)
+        return jnp.repeat(jnp.sum(sums, axis=-1) / count, per_group, axis=-1)[:, None, :]
+
+      centred = flat - group_mean(flat)
+      inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)
+      y = centred * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+      return act(y.reshape(x.shape).astype(self.dtype))
+
+    return recomputed_in_backward(normalise)(x, scale, bias)
 
 
 def layer_norm(epsilon: float, name: str, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  """torch nn.LayerNorm over the last axis (two-pass variance, float32 statistics)."""
-  return nn.LayerNorm(
-      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-      force_float32_reductions=True,
-      scale_init=_with_axes(nn.initializers.ones_init(), ('norm',)),
-      bias_init=_with_axes(nn.initializers.zeros_init(), ('norm',)),
-      name=name)
+               param_dtype: Dtype = jnp.float32) -> 'LayerNorm':
+  """torch nn.LayerNorm over the last axis."""
+  return LayerNorm(epsilon, dtype, param_dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+  """nn.LayerNorm's parameters (scale, bias) and torch's result: float32 statistics, the
+  two-pass variance. The backward pass recomputes it from the input
+  (recomputed_in_backward)."""
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', _with_axes(nn.initializers.ones_init(), ('norm',)),
+                       (features,), self.param_dtype)
+    bias = self.param('bias', _with_axes(nn.initializers.zeros_init(), ('norm',)),
+                      (features,), self.param_dtype)
+
+    def normalise(x, scale, bias):
+      x = x.astype(jnp.float32)
+      centred = x - jnp.mean(x, axis=-1, keepdims=True)
+      inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+                              + self.epsilon)
+      y = centred * inv_std * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+      return y.astype(self.dtype)
+
+    return recomputed_in_backward(normalise)(x, scale, bias)
 
 
 def embedding(num_embeddings: int, features: int, name: str, *, dtype: Dtype = jnp.float32,
@@ -209,22 +267,69 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
 def _attention_on_cpu(query: jax.Array, key: jax.Array, value: jax.Array, is_causal: bool,
                       mask: Optional[jax.Array]) -> jax.Array:
-  """Heads-major matmuls and the softmax normalised after the value matmul (one divide of
-  the [q, head_dim] result instead of the [q, kv] weights). XLA on a CPU ran this 1.5-2x
-  faster forward and 2-2.6x faster backward than jax.nn.dot_product_attention (batch 8,
-  256 tokens, 4 heads of 8)."""
-  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))  # [batch, heads, len, dim]
-  scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
-  scores = scores * (query.shape[-1] ** -0.5)
+  """Heads-major matmuls in float32, the softmax normalised after the value matmul, and a
+  backward pass that recomputes the [q, kv] weights (see _cpu_attention_backward) instead
+  of keeping them. Against jax.nn.dot_product_attention under XLA on a CPU (batch 8, 256
+  tokens, 4 heads of 8): forward 1.5-2x faster, forward+backward 3x, and the training
+  step keeps no [batch, heads, q, kv] tensor per layer."""
   if is_causal:
-    causal = jnp.tril(jnp.ones(scores.shape[-2:], bool))
+    causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
-  if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-  out = jnp.matmul(weights.astype(value.dtype), v, preferred_element_type=jnp.float32)
-  out = out / jnp.sum(weights, axis=-1, keepdims=True)
-  return jnp.swapaxes(out, 1, 2).astype(query.dtype)
+  q, k, v = (_heads_major(t.astype(jnp.float32)) for t in (query, key, value))
+  return _heads_major(_cpu_attention(q, k, v, mask)).astype(query.dtype)
+
+
+def _heads_major(t: jax.Array) -> jax.Array:
+  """[batch, length, heads, dim] <-> [batch, heads, length, dim]."""
+  return jnp.swapaxes(t, 1, 2)
+
+
+def _masked(scores: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  return scores if mask is None else jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+
+
+@jax.custom_vjp
+def _cpu_attention(q, k, v, mask):
+  """[batch, heads, length, dim] float32 in and out."""
+  return _cpu_attention_forward(q, k, v, mask)[0]
+
+
+def _cpu_attention_forward(q, k, v, mask):
+  # The scale goes into q ([q, dim]), not into the [q, kv] scores: XLA:CPU materialises a
+  # broadcast scale for a fused matmul.
+  q = q * (q.shape[-1] ** -0.5)
+  scores = _masked(jnp.matmul(q, jnp.swapaxes(k, -1, -2)), mask)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  weights = jnp.exp(scores - row_max)
+  row_sum = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.matmul(weights, v) / row_sum
+  return out, (q, k, v, out, row_max + jnp.log(row_sum), mask)
+
+
+def _cpu_attention_backward(residuals, grad_out):
+  """Flash attention's backward without the blocking: the weights are recomputed from the
+  scaled q, k and the saved log-sum-exp.
+
+  q is tied to the incoming gradient (`_after`): XLA:CPU drops optimization barriers before
+  scheduling, and would otherwise merge the recomputed q k^T with the forward's and keep
+  every layer's [q, kv] weights from the forward pass to the end of the backward. The
+  barrier on dk^T, dv^T does hold against the algebraic simplifier: it keeps their
+  transposes out of the matmuls, which then run 5x slower (a contraction over the
+  weights' major axis)."""
+  q, k, v, out, log_sum, mask = residuals
+  g = grad_out
+  q = _after(q, g)
+  weights = jnp.exp(_masked(jnp.matmul(q, jnp.swapaxes(k, -1, -2)), mask) - log_sum)
+  grad_weights = jnp.matmul(g, jnp.swapaxes(v, -1, -2))
+  grad_scores = weights * (grad_weights - jnp.sum(g * out, axis=-1, keepdims=True))
+  grad_q = jnp.matmul(grad_scores, k) * (q.shape[-1] ** -0.5)
+  grad_k_t = jnp.einsum('bhqd,bhqk->bhdk', q, grad_scores)
+  grad_v_t = jnp.einsum('bhqd,bhqk->bhdk', g, weights)
+  grad_k_t, grad_v_t = jax.lax.optimization_barrier((grad_k_t, grad_v_t))
+  return grad_q, jnp.swapaxes(grad_k_t, -1, -2), jnp.swapaxes(grad_v_t, -1, -2), None
+
+
+_cpu_attention.defvjp(_cpu_attention_forward, _cpu_attention_backward)
 
 
 class Attention(nn.Module):
@@ -296,12 +401,12 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    act = activation(self.act_fn)
-    h = act(group_norm(self.groups, self.eps, 'norm1', **kw)(x))
-    h = conv(self.out_channels, 'conv1', **kw)(h)
+    norm = lambda name: group_norm(self.groups, self.eps, name, activation=self.act_fn, **kw)
+    h = conv(self.out_channels, 'conv1', **kw)(norm('norm1')(x))
     if temb is not None:
-      h = h + dense(self.out_channels, 'time_emb_proj', **kw)(act(temb))[:, None, None, :]
-    h = act(group_norm(self.groups, self.eps, 'norm2', **kw)(h))
+      temb = activation(self.act_fn)(temb)
+      h = h + dense(self.out_channels, 'time_emb_proj', **kw)(temb)[:, None, None, :]
+    h = norm('norm2')(h)
     h = conv(self.out_channels, 'conv2', **kw)(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, 'conv_shortcut', kernel_size=1, **kw)(x)

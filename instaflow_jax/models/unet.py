@@ -177,7 +177,16 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
 
 @functools.lru_cache(maxsize=None)
 def _rematted(module_class):
-  return nn.remat(module_class)
+  import os
+  pol = os.environ.get('REMAT_POLICY')
+  if pol == 'convdots':
+    def policy(prim, *a, **k):
+      return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *a, **k) or prim is jax.lax.conv_general_dilated_p
+  elif pol == 'dots':
+    policy = jax.checkpoint_policies.dots_saveable
+  else:
+    policy = None
+  return nn.remat(module_class, policy=policy)
 
 
 class TimestepEmbedding(nn.Module):
@@ -194,6 +203,11 @@ class TimestepEmbedding(nn.Module):
     return layers.dense(self.features, 'linear_2', axes=('mlp', 'embed'), **kw)(x)
 
 
+def _geglu(x: jax.Array) -> jax.Array:
+  value, gate = jnp.split(x, 2, axis=-1)
+  return value * layers.activation('gelu')(gate)
+
+
 class GEGLU(nn.Module):
   """proj to 2*features, then value * gelu(gate), the value being the first half."""
   features: int
@@ -203,8 +217,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = layers.dense(2 * self.features, 'proj', dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    value, gate = jnp.split(x, 2, axis=-1)
-    return value * layers.activation('gelu')(gate)
+    return layers.recomputed_in_backward(_geglu)(x)
 
 
 class FeedForward(nn.Module):
@@ -417,8 +430,8 @@ class UNet2DConditionModel(nn.Module):
           add_upsample=not is_last, name=f'up_blocks_{i}', **block_kw)(
               x, block_skips, temb, context, None if is_last else skips[-1].shape[1:3])
 
-    x = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, 'conv_norm_out', **kw)(x)
-    x = layers.activation(cfg.act_fn)(x)
+    x = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, 'conv_norm_out',
+                          activation=cfg.act_fn, **kw)(x)
     return layers.conv(cfg.out_channels, 'conv_out', **kw)(x)
 
   def example_inputs(self, batch_size: int = 1) -> Tuple[jax.Array, jax.Array, jax.Array]:
