@@ -32,13 +32,31 @@ def _with_axes(init, axes: Tuple[Optional[str], ...]):
 
 def dense(features: int, name: str, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
           param_dtype: Dtype = jnp.float32,
-          axes: Tuple[Optional[str], Optional[str]] = ('embed', 'mlp')) -> nn.Dense:
+          axes: Tuple[Optional[str], Optional[str]] = ('embed', 'mlp')) -> 'Dense':
   """A linear layer (torch nn.Linear); `axes` names the (in, out) kernel dimensions."""
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=_with_axes(nn.initializers.lecun_normal(), axes),
-      bias_init=_with_axes(nn.initializers.zeros_init(), (axes[1],)),
-      name=name)
+  return Dense(features, use_bias, axes, dtype, param_dtype, name=name)
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters (kernel [in, out], bias) and result, the kernel's gradient
+  computed after the input's (kernel_grad_after_input_grad)."""
+  features: int
+  use_bias: bool = True
+  axes: Tuple[Optional[str], Optional[str]] = ('embed', 'mlp')
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', _with_axes(nn.initializers.lecun_normal(), self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = kernel_grad_after_input_grad(jnp.matmul)(x, kernel)
+    if self.use_bias:
+      bias = self.param('bias', _with_axes(nn.initializers.zeros_init(), (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def conv(features: int, name: str, *, kernel_size: int = 3, strides: int = 1,
@@ -75,6 +93,32 @@ def recomputed_in_backward(fn):
 
   def backward(args, grad):
     return jax.vjp(fn, _after(args[0], grad), *args[1:])[1](grad)
+
+  apply.defvjp(forward, backward)
+  return apply
+
+
+def kernel_grad_after_input_grad(op):
+  """op(x, kernel), whose backward pass computes the kernel's gradient after the input's.
+
+  The optimizer writes a donated kernel's update over the kernel once its gradient exists.
+  XLA orders that write after the backward pass's read of the kernel (for the input's
+  gradient) only where the one depends on the other; elsewhere it copies the kernel at the
+  start of the step and keeps the copy to the end (a second copy of every weight). The
+  inputs are tied to the incoming gradient too: XLA otherwise prepares their layouts for
+  the backward convolutions (flipped kernels, transposed activations) in the forward pass
+  and keeps them."""
+  @jax.custom_vjp
+  def apply(x, kernel):
+    return op(x, kernel)
+
+  def forward(x, kernel):
+    return op(x, kernel), (x, kernel)
+
+  def backward(inputs, grad):
+    inputs = tuple(_after(t, grad) for t in inputs)
+    grad_x, grad_kernel = jax.vjp(op, *inputs)[1](grad)
+    return grad_x, _after(grad_kernel, grad_x)
 
   apply.defvjp(forward, backward)
   return apply
@@ -133,10 +177,11 @@ class Conv(nn.Module):
     out_pixels = (_conv_output_size(x.shape[1], k, self.strides, self.padding[0])
                   * _conv_output_size(x.shape[2], k, self.strides, self.padding[1]))
     if _on_cpu() and out_pixels <= _CPU_MATMUL_CONV_MAX_PIXELS:
-      y = _conv_as_matmul(x, kernel, strides, self.padding)
+      convolve = lambda x, kernel: _conv_as_matmul(x, kernel, strides, self.padding)
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, strides, self.padding,
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      convolve = lambda x, kernel: jax.lax.conv_general_dilated(
+          x, kernel, strides, self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = kernel_grad_after_input_grad(convolve)(x, kernel)
     if self.use_bias:
       bias = self.param('bias', _with_axes(nn.initializers.zeros_init(), ('conv_out',)),
                         (self.features,), self.param_dtype)
