@@ -351,7 +351,7 @@ def _cpu_attention_forward(q, k, v, mask):
   return out, (q, k, v, out, row_max + jnp.log(row_sum), mask)
 
 
-def _cpu_attention_backward(residuals, grad_out):
+def _cpu_attention_backward(residuals, g):
   """Flash attention's backward without the blocking: the weights are recomputed from the
   scaled q, k and the saved log-sum-exp.
 
@@ -362,7 +362,6 @@ def _cpu_attention_backward(residuals, grad_out):
   transposes out of the matmuls, which then run 5x slower (a contraction over the
   weights' major axis)."""
   q, k, v, out, log_sum, mask = residuals
-  g = grad_out
   q = _after(q, g)
   weights = jnp.exp(_masked(jnp.matmul(q, jnp.swapaxes(k, -1, -2)), mask) - log_sum)
   grad_weights = jnp.matmul(g, jnp.swapaxes(v, -1, -2))

@@ -177,16 +177,7 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
 
 @functools.lru_cache(maxsize=None)
 def _rematted(module_class):
-  import os
-  pol = os.environ.get('REMAT_POLICY')
-  if pol == 'convdots':
-    def policy(prim, *a, **k):
-      return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *a, **k) or prim is jax.lax.conv_general_dilated_p
-  elif pol == 'dots':
-    policy = jax.checkpoint_policies.dots_saveable
-  else:
-    policy = None
-  return nn.remat(module_class, policy=policy)
+  return nn.remat(module_class)
 
 
 class TimestepEmbedding(nn.Module):
