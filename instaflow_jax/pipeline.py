@@ -320,8 +320,11 @@ def base_unet(unet):
 def init_params(module, seed: int):
   """Freshly initialised float params of a module (logical-axis boxes removed).
 
-  Jitted: running init op by op takes tens of seconds for a U-Net on a CPU."""
-  variables = jax.jit(module.init)(jax.random.key(seed), *module.example_inputs())
+  Jitted: running init op by op takes tens of seconds for a U-Net on a CPU. Compiled at
+  the backend's lowest optimisation level: it runs once, and hundreds of random draws
+  (one per param) compile 1.7x faster so (a small U-Net on a CPU: 20 -> 12 s)."""
+  init = jax.jit(module.init, compiler_options={'xla_backend_optimization_level': 0})
+  variables = init(jax.random.key(seed), *module.example_inputs())
   return nn.meta.unbox(variables)['params']
 
 

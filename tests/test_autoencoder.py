@@ -13,6 +13,7 @@ from instaflow_jax.convert.torch_names import torch_state_to_flax
 from instaflow_jax.models.autoencoder import AutoencoderConfig
 from instaflow_jax.models.autoencoder import AutoencoderKL
 from instaflow_jax.models.autoencoder import rename_legacy_vae_keys
+from tests import tiny_models
 from tests.tiny_models import perturb_
 
 _DOWN, _UP = 'DownEncoderBlock2D', 'UpDecoderBlock2D'
@@ -46,9 +47,6 @@ def _numpy_state(module: torch.nn.Module):
   return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
-def _abstract(model: AutoencoderKL):
-  return jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())
-
 
 @functools.lru_cache(maxsize=None)
 def _pair(name: str):
@@ -56,7 +54,8 @@ def _pair(name: str):
   config, _ = CONFIGS[name]
   vae = _torch_vae(config)
   model = AutoencoderKL(config)
-  params = torch_state_to_flax(_numpy_state(vae), _abstract(model), source=f'diffusers {name}')
+  params = torch_state_to_flax(_numpy_state(vae), tiny_models.abstract_variables(model),
+                               source=f'diffusers {name}')
   return vae, model, params
 
 
@@ -111,7 +110,8 @@ def test_config_round_trip_and_diffusers_layout(name):
   vae = diffusers.AutoencoderKL.from_config(d)
   assert AutoencoderConfig.from_diffusers_config(dict(vae.config)) == config
   model = AutoencoderKL(config)
-  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), _abstract(model))
+  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                 tiny_models.abstract_variables(model))
   ours = flax_to_torch_state(zeros)
   theirs = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
   assert {k: v.shape for k, v in ours.items()} == theirs
@@ -153,5 +153,6 @@ def test_legacy_vae_keys_convert_to_the_same_params():
   legacy = _to_legacy(state)
   assert sum('.query.weight' in k for k in legacy) == 2  # encoder and decoder mid blocks
   assert rename_legacy_vae_keys(state).keys() == state.keys()
-  converted = torch_state_to_flax(rename_legacy_vae_keys(legacy), _abstract(model), source='legacy')
+  converted = torch_state_to_flax(rename_legacy_vae_keys(legacy),
+                                  tiny_models.abstract_variables(model), source='legacy')
   jax.tree_util.tree_map(np.testing.assert_array_equal, converted, params)

@@ -15,7 +15,7 @@ import torch
 from configs import instaflow_1_7b
 from instaflow_jax.convert.torch_names import (expected_params, flax_to_torch_state,
                                                torch_state_to_flax)
-from instaflow_jax.pipeline import Pipeline, init_params
+from instaflow_jax.pipeline import Pipeline
 from instaflow_jax.models.stacked_unet import StackedUNet, StackedUNetConfig, init_from_unet
 from instaflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tests import tiny_models
@@ -32,9 +32,6 @@ THREE_LEVELS = dict(sample_size=8, in_channels=4, out_channels=4, block_out_chan
 DROPS = [(0, True), (0, False), (1, True), (1, False)]
 SD15_PARAMS = 859_520_964
 
-
-def _abstract(model):
-  return jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())
 
 
 def _count(shapes) -> int:
@@ -72,7 +69,7 @@ def _torch_unet(d: dict, seed: int):
 def test_matches_two_diffusers_unets_in_series(dropped, keep_mid):
   config = StackedUNetConfig(UNetConfig.from_diffusers_config(THREE_LEVELS), dropped, keep_mid)
   model = StackedUNet(config)
-  abstract = _abstract(model)['params']
+  abstract = tiny_models.abstract_variables(model)['params']
   reference = _reference_config(THREE_LEVELS, dropped, keep_mid)
   torch_halves = [_torch_unet(reference, seed) for seed in (1, 2)]
   states = [{k: v.numpy() for k, v in unet.state_dict().items()} for unet in torch_halves]
@@ -104,28 +101,29 @@ def test_without_removal_halves_are_the_unet():
   its output bit for bit, and the stack is that U-Net applied twice."""
   unet_config = UNetConfig.from_diffusers_config(tiny_models.tiny_unet_config())
   unet = UNet2DConditionModel(unet_config)
-  unet_params = init_params(unet, seed=0)
+  unet_params = tiny_models.random_params(unet)
   config = StackedUNetConfig(unet_config)
   stacked = StackedUNet(config)
   params = init_from_unet(unet_params, config)
   assert (jax.tree.map(jnp.shape, params) ==
-          jax.tree.map(jnp.shape, nn.meta.unbox(_abstract(stacked)['params'])))
+          jax.tree.map(jnp.shape, nn.meta.unbox(tiny_models.abstract_variables(stacked)['params'])))
 
   sample, timesteps, text = _inputs(unet_config)
-  apply_unet = jax.jit(lambda x: unet.apply({'params': unet_params}, x, timesteps, text))
-  apply_half = jax.jit(lambda x: unet.apply({'params': params['unet_1']}, x, timesteps, text))
-  once = apply_unet(sample)
-  np.testing.assert_array_equal(np.asarray(apply_half(sample)), np.asarray(once))
+  apply_unet = jax.jit(lambda p, x: unet.apply({'params': p}, x, timesteps, text))
+  once = apply_unet(unet_params, sample)
+  np.testing.assert_array_equal(np.asarray(apply_unet(params['unet_1'], sample)),
+                                np.asarray(once))
   twice = jax.jit(stacked.apply)({'params': params}, sample, timesteps, text)
   # Compiled as one program, the stack fuses differently: equal up to float32 rounding.
-  ref = np.asarray(apply_unet(once))
+  ref = np.asarray(apply_unet(unet_params, once))
   np.testing.assert_allclose(np.asarray(twice), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
   assert np.abs(np.asarray(twice) - np.asarray(once)).max() > 1e-3
 
 
 @pytest.fixture(scope='module')
 def three_level_params():
-  return init_params(UNet2DConditionModel(UNetConfig.from_diffusers_config(THREE_LEVELS)), seed=0)
+  unet = UNet2DConditionModel(UNetConfig.from_diffusers_config(THREE_LEVELS))
+  return tiny_models.random_params(unet)
 
 
 @pytest.mark.parametrize('dropped,keep_mid', DROPS[1:])
@@ -136,7 +134,7 @@ def test_init_from_unet_selects_the_kept_blocks(three_level_params, dropped, kee
   model = StackedUNet(config)
   params = init_from_unet(unet_params, config)
 
-  expected = expected_params(_abstract(model))
+  expected = expected_params(tiny_models.abstract_variables(model))
   flat = flax.traverse_util.flatten_dict(params)
   assert {path: (value.shape, value.dtype) for path, value in flat.items()} == expected
   full = flax.traverse_util.flatten_dict(unet_params)
@@ -149,10 +147,6 @@ def test_init_from_unet_selects_the_kept_blocks(three_level_params, dropped, kee
   # Separate buffers: training may donate each half's params.
   assert all(a is not b for a, b in zip(jax.tree.leaves(params['unet_1']),
                                         jax.tree.leaves(params['unet_2'])))
-
-  sample, timesteps, text = _inputs(unet_config)
-  out = model.apply({'params': params}, sample, timesteps, text)
-  assert out.shape == sample.shape and np.isfinite(np.asarray(out)).all()
 
 
 def test_init_from_unet_rejects_other_params(three_level_params):
@@ -225,7 +219,7 @@ def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
     config = StackedUNetConfig.from_dict(
         {'unet': SD15, 'num_dropped_levels': dropped, 'keep_mid': keep_mid})
     model = StackedUNet(config, dtype=jnp.dtype(c.model.compute_dtype), remat_blocks=c.model.remat)
-    shapes = expected_params(_abstract(model))
+    shapes = expected_params(tiny_models.abstract_variables(model))
     counts[dropped, keep_mid] = _count(shapes)
     print(f'stacked SD 1.5 U-Net, num_dropped_levels={dropped} keep_mid={keep_mid}: '
           f'{counts[dropped, keep_mid]:,} params')

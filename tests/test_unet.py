@@ -60,9 +60,6 @@ SD21 = {**SD15, 'attention_head_dim': [5, 10, 20, 20], 'cross_attention_dim': 10
         'sample_size': 96, 'upcast_attention': True, 'use_linear_projection': True}
 
 
-def _abstract_variables(model):
-  return jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())
-
 
 def _torch_shapes(state) -> dict:
   return {key: tuple(value.shape) for key, value in state.items()}
@@ -75,7 +72,7 @@ def _our_torch_shapes(model) -> dict:
       return (shape[3], shape[2], shape[0], shape[1])
     return shape[::-1] if path[-1] == 'kernel' else shape
   return {torch_key(path): torch_shape(path, shape)
-          for path, (shape, _) in expected_params(_abstract_variables(model)).items()}
+          for path, (shape, _) in expected_params(tiny_models.abstract_variables(model)).items()}
 
 
 def _inputs(config: dict, size, seed: int = 0):
@@ -103,7 +100,7 @@ def case(request):
   torch_model = tiny_models.perturb_(diffusers.UNet2DConditionModel(**d), seed=1)
   model = UNet2DConditionModel(UNetConfig.from_diffusers_config(d))
   state = {key: value.numpy() for key, value in torch_model.state_dict().items()}
-  params = torch_state_to_flax(state, _abstract_variables(model), source=request.param)
+  params = torch_state_to_flax(state, tiny_models.abstract_variables(model), source=request.param)
   return dict(name=request.param, config=d, size=size, timesteps=timesteps,
               torch_model=torch_model, model=model, params=params)
 
@@ -181,7 +178,7 @@ def tiny():
   torch_model = tiny_models.perturb_(diffusers.UNet2DConditionModel(**d), seed=2)
   model = UNet2DConditionModel(UNetConfig.from_diffusers_config(d))
   state = {key: value.numpy() for key, value in torch_model.state_dict().items()}
-  params = torch_state_to_flax(state, _abstract_variables(model), source='tiny')
+  params = torch_state_to_flax(state, tiny_models.abstract_variables(model), source='tiny')
   sample, context = _inputs(d, (8, 8))
   return dict(model=model, params={'params': params}, torch_model=torch_model, sample=sample,
               context=context, x=sample.transpose(0, 2, 3, 1))
@@ -198,9 +195,9 @@ def test_bfloat16_compute_stays_close(tiny):
 def test_remat_keeps_param_tree_and_outputs(tiny):
   plain = tiny['model']
   remat = UNet2DConditionModel(plain.config, remat_blocks=True)
-  abstract = _abstract_variables(plain)
+  abstract = tiny_models.abstract_variables(plain)
   # Same paths, shapes, dtypes and logical axis names.
-  assert _abstract_variables(remat) == abstract
+  assert tiny_models.abstract_variables(remat) == abstract
 
   args = (tiny['params'], tiny['x'], TIMESTEPS, tiny['context'])
   eqns = jax.make_jaxpr(remat.apply)(*args).eqns
