@@ -47,7 +47,6 @@ def _numpy_state(module: torch.nn.Module):
   return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
-
 @functools.lru_cache(maxsize=None)
 def _pair(name: str):
   """(torch vae, our model, converted params) for a named config, built once."""

@@ -33,7 +33,6 @@ DROPS = [(0, True), (0, False), (1, True), (1, False)]
 SD15_PARAMS = 859_520_964
 
 
-
 def _count(shapes) -> int:
   return sum(int(np.prod(shape)) for shape, _ in shapes.values())
 

@@ -60,7 +60,6 @@ SD21 = {**SD15, 'attention_head_dim': [5, 10, 20, 20], 'cross_attention_dim': 10
         'sample_size': 96, 'upcast_attention': True, 'use_linear_projection': True}
 
 
-
 def _torch_shapes(state) -> dict:
   return {key: tuple(value.shape) for key, value in state.items()}
 
