@@ -13,9 +13,10 @@ with classifier-free guidance), and a U-Net training step (f32 master weights, A
 
 Each framework runs in a child process of its own: neither holds GPU memory the other needs,
 peak-memory counters start clean, and a hard time limit can end one without losing the
-other's numbers (a child rewrites its results file after every measurement). Ours goes
-first; the reference gets what is left of the budget, eager mode first, then torch.compile
-while time remains. Times are medians over --repeats calls after warm-up; compile time is
+other's numbers (a child rewrites its results file after every measurement). Both children
+run with glibc's huge-page tunable, as our command lines do (instaflow_jax/huge_pages.py).
+Ours goes first; the reference gets what is left of the budget, eager mode first, then
+torch.compile while time remains. Times are medians over --repeats calls after warm-up; compile time is
 reported on its own.
 """
 import argparse
@@ -678,7 +679,9 @@ def run_child(args, section: str, deadline: float, path: str) -> dict:
              '--repeats', str(args.repeats), '--section', section, '--deadline', str(deadline),
              '--partial', path, '--scratch', args.scratch, '--torch-compile', args.torch_compile,
              '--compile-workers', str(args.compile_workers)]
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  from instaflow_jax import huge_pages
+  # Both frameworks get the environment our command lines give themselves.
+  env = huge_pages.with_huge_pages(dict(os.environ, PYTHONUNBUFFERED='1'))
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
   start = time.time()
   child = subprocess.Popen(command, env=env, start_new_session=True)

@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from instaflow_jax import huge_pages
 from instaflow_jax import images as image_io
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax.convert import diffusers as diffusers_io
@@ -222,4 +223,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  huge_pages.restart_with_huge_pages()
   run_main(main)

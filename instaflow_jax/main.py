@@ -18,6 +18,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from instaflow_jax import huge_pages
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
@@ -105,6 +107,7 @@ def parse_flags(argv):
 
 
 def run():
+  huge_pages.restart_with_huge_pages()
   # Keep TensorFlow (used only by tfds/clu) quiet.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   app.run(main, flags_parser=parse_flags)
