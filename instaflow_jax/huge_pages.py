@@ -1,13 +1,13 @@
 """Transparent huge pages for XLA:CPU's per-call temporary buffer.
 
 XLA:CPU allocates each call's temporaries as one block, afresh on every call, from a worker
-thread. glibc serves a block that size (over 64 MiB: the training step of the small benchmark
-needs 92 MiB) from its own mmap and unmaps it when freed, so every call faults the whole
-block in, 4 KiB at a time: 24,000 page faults and 40-75 ms of kernel time a training step,
-where PyTorch's step takes 4,800 faults. With glibc's `glibc.malloc.hugetlb=1` tunable such
-blocks are advised to use 2 MiB pages (under the kernel's usual THP mode, `madvise`): 900
-faults, half the kernel time, and the step 14% faster (benchmarks/README.md). PyTorch's
-step is unchanged by it.
+thread. glibc serves a block that size from a worker's arena (over 64 MiB: the training step
+of the small benchmark needs 92 MiB) with a mapping of its own and unmaps it when freed, so
+every call faults the whole block in, 4 KiB at a time: 27,000 page faults and 60-80 ms of
+kernel time a training step. With glibc's `glibc.malloc.hugetlb=1` tunable such blocks are
+advised to use 2 MiB pages (under the kernel's usual THP mode, `madvise`): 700 faults, half
+the kernel time, and the step 15% faster (benchmarks/README.md). PyTorch's step is
+unchanged by it.
 
 Tunables are read only when a process starts, so the command-line entry points restart
 themselves once with it set (same process id, same arguments). Setting GLIBC_TUNABLES to
