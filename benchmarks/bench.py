@@ -16,8 +16,8 @@ peak-memory counters start clean, and a hard time limit can end one without losi
 other's numbers (a child rewrites its results file after every measurement). Both children
 run with glibc's huge-page tunable, as our command lines do (instaflow_jax/huge_pages.py).
 Ours goes first; the reference gets what is left of the budget, eager mode first, then
-torch.compile while time remains. Times are medians over --repeats calls after warm-up; compile time is
-reported on its own.
+torch.compile while time remains. Times are medians over --repeats calls after warm-up;
+compile time is reported on its own.
 """
 import argparse
 import concurrent.futures

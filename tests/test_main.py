@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import shapes
+from instaflow_jax import huge_pages
 from instaflow_jax import stages
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
@@ -65,6 +66,11 @@ def test_resume_after_sigkill_is_exact(quick_chain, tfds_dir, tmp_path):
   while not os.path.exists(first_checkpoint) and process.poll() is None:
     assert time.time() < deadline
     time.sleep(0.05)
+  # The command restarted itself by exec with the huge-page tunable: the pid it was started
+  # with is the training process, which the kill below ends.
+  with open(f'/proc/{process.pid}/environ', 'rb') as f:
+    tunable_set = b'glibc.malloc.hugetlb=1' in f.read()
+  assert tunable_set == huge_pages._huge_pages_only_when_advised()
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert not loop.is_complete(os.path.join(workdir, 'rf')), 'the run ended before the kill'
