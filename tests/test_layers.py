@@ -57,11 +57,13 @@ def test_cpu_attention_equals_jax_attention_with_gradients(is_causal, with_mask)
   def loss(attention, q, k, v):
     return jnp.sum(jnp.sin(attention(q, k, v, is_causal=is_causal, mask=mask)))
 
-  ours = lambda q, k, v, **kw: layers._attention_on_cpu(q, k, v, kw['is_causal'], kw['mask'])
-  for a, b in zip(jax.value_and_grad(lambda *t: loss(ours, *t), argnums=(0, 1, 2))(q, k, v),
-                  jax.value_and_grad(lambda *t: loss(jax.nn.dot_product_attention, *t),
-                                     argnums=(0, 1, 2))(q, k, v)):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  expected = jax.value_and_grad(lambda *t: loss(jax.nn.dot_product_attention, *t),
+                                argnums=(0, 1, 2))(q, k, v)
+  # Both CPU paths: the kernel (unmasked) or its fallback, and the XLA formulation itself.
+  for cpu_attention in (layers._attention_on_cpu, layers._xla_attention_on_cpu):
+    ours = lambda q, k, v, **kw: cpu_attention(q, k, v, kw['is_causal'], kw['mask'])
+    got = jax.value_and_grad(lambda *t: loss(ours, *t), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
@@ -86,15 +88,18 @@ def _chain_grad(layer, depth):
 
 def test_cpu_attention_keeps_no_weights_per_layer_for_the_backward_pass():
   """Autodiff keeps each layer's [batch, heads, q, kv] weights until the backward pass; the
-  recomputing backward keeps q, k, v, the output and the log-sum-exp."""
+  recomputing backward passes (the kernel's and the XLA formulation's) keep q, k, v, the
+  output and the log-sum-exp."""
   x = jnp.ones((2, 128, 2, 8))
   weights_bytes = 2 * 2 * 128 * 128 * 4
-  ours = lambda t: layers._attention_on_cpu(t, t, t, False, None)
-  autodiff = lambda t: jax.nn.dot_product_attention(t, t, t)
+  paths = {'kernel': lambda t: layers._attention_on_cpu(t, t, t, False, None),
+           'xla': lambda t: layers._xla_attention_on_cpu(t, t, t, False, None),
+           'autodiff': lambda t: jax.nn.dot_product_attention(t, t, t)}
   growth = {name: _temp_bytes(_chain_grad(f, 6), x) - _temp_bytes(_chain_grad(f, 2), x)
-            for name, f in (('ours', ours), ('autodiff', autodiff))}
+            for name, f in paths.items()}
   assert growth['autodiff'] >= 4 * weights_bytes, growth        # one a layer at least
-  assert growth['ours'] < 2 * weights_bytes, growth            # under half of one a layer
+  assert growth['xla'] < 2 * weights_bytes, growth             # under half of one a layer
+  assert growth['kernel'] < 2 * weights_bytes, growth
 
 
 def test_recomputed_in_backward_gives_the_gradients_and_keeps_only_the_input():

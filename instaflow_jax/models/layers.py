@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instaflow_jax.models import cpu_attention
+
 Dtype = Any
 # Padding given as torch's symmetric integer padding, or explicit (low, high) pairs per spatial dim.
 Padding = Any
@@ -312,6 +314,16 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
 def _attention_on_cpu(query: jax.Array, key: jax.Array, value: jax.Array, is_causal: bool,
                       mask: Optional[jax.Array]) -> jax.Array:
+  """The C++ kernel (cpu_attention) where it applies: no mask, a head dim that is a multiple
+  of 4, and a machine that can build it. Otherwise _xla_attention_on_cpu."""
+  if mask is None and not is_causal and cpu_attention.applies(query.shape[-1]):
+    q, k, v = (t.astype(jnp.float32) for t in (query, key, value))
+    return cpu_attention.attention(q, k, v).astype(query.dtype)
+  return _xla_attention_on_cpu(query, key, value, is_causal, mask)
+
+
+def _xla_attention_on_cpu(query: jax.Array, key: jax.Array, value: jax.Array, is_causal: bool,
+                          mask: Optional[jax.Array]) -> jax.Array:
   """Heads-major matmuls in float32, the softmax normalised after the value matmul, and a
   backward pass that recomputes the [q, kv] weights (see _cpu_attention_backward) instead
   of keeping them. Against jax.nn.dot_product_attention under XLA on a CPU (batch 8, 256

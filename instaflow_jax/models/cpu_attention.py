@@ -1,0 +1,132 @@
+"""Attention on XLA:CPU through the C++ kernel in cpu_attention.cc, compiled on first use.
+
+The kernel is built with the machine's C++ compiler ($CXX, else c++) against the XLA FFI
+headers that jaxlib ships, once per source, compiler, jaxlib and CPU, into
+$INSTAFLOW_JAX_KERNEL_CACHE (default ~/.cache/instaflow_jax/kernels). Where it cannot be
+built, layers.dot_product_attention keeps its XLA formulation and says why once.
+INSTAFLOW_JAX_CPU_ATTENTION=xla turns the kernel off.
+
+It runs on a single CPU device only. XLA's partitioner knows nothing of a custom call's
+dimensions and would gather a sharded batch onto every device around it, so meshes of
+simulated CPU devices (tests, launch/local.py) keep the XLA formulation.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = Path(__file__).with_suffix('.cc')
+_TARGETS = {'instaflow_attention_forward': 'InstaflowAttentionForward',
+            'instaflow_attention_backward': 'InstaflowAttentionBackward'}
+_COMPILE_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
+HEAD_DIM_MULTIPLE = 4  # kDimBlock in the kernel
+
+
+def applies(head_dim: int) -> bool:
+  """Whether attention with this head dim runs in the kernel (building it on first call)."""
+  return head_dim % HEAD_DIM_MULTIPLE == 0 and jax.device_count() == 1 and _registered()
+
+
+@functools.cache
+def _registered() -> bool:
+  if os.environ.get('INSTAFLOW_JAX_CPU_ATTENTION', 'kernel') == 'xla':
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(built_library()))
+  except (OSError, subprocess.SubprocessError) as e:
+    warnings.warn(f'instaflow_jax: CPU attention kernel unavailable ({e}); using the slower XLA '
+                  'formulation. Install a C++ compiler (g++) to get it, or set '
+                  'INSTAFLOW_JAX_CPU_ATTENTION=xla to silence this.', stacklevel=3)
+    return False
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
+  return True
+
+
+def built_library() -> Path:
+  """The compiled kernel, built now if this machine has no copy of this version."""
+  compiler = os.environ.get('CXX', 'c++')
+  command = [compiler, *_COMPILE_FLAGS, '-isystem', jax.ffi.include_dir(), str(SOURCE)]
+  target = _cache_dir() / f'cpu_attention-{_build_key(command)}.so'
+  if not target.exists():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes starting together each build,
+    # and none loads a half-written file.
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix='.so.tmp', delete=False) as tmp:
+      partial = Path(tmp.name)
+    try:
+      done = subprocess.run(command + ['-o', str(partial)], capture_output=True, text=True)
+      if done.returncode:
+        lines = done.stderr.strip().splitlines() or [f'exit status {done.returncode}']
+        raise subprocess.SubprocessError(f'{compiler} failed on {SOURCE.name}: {lines[-1]}')
+      os.replace(partial, target)
+    finally:
+      partial.unlink(missing_ok=True)
+  return target
+
+
+def _cache_dir() -> Path:
+  default = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'instaflow_jax'
+  return Path(os.environ.get('INSTAFLOW_JAX_KERNEL_CACHE', default / 'kernels'))
+
+
+def _build_key(command) -> str:
+  """Source, command, jaxlib and CPU: -march=native code must not move to another CPU."""
+  key = hashlib.sha256(SOURCE.read_bytes())
+  for part in (*command, jaxlib.__version__, _cpu_flags()):
+    key.update(part.encode() + b'\0')
+  return key.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+  try:
+    info = Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return ''
+  return next((line for line in info.splitlines() if line.startswith(('flags', 'Features'))), '')
+
+
+@jax.custom_vjp
+def attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(dim)) v on float32 [..., length, heads, dim] arrays."""
+  return _forward(query, key, value)[0]
+
+
+def _shapes(*arrays) -> Tuple[jax.ShapeDtypeStruct, ...]:
+  return tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in arrays)
+
+
+def _require_kernel() -> None:
+  if not _registered():
+    raise RuntimeError('instaflow_jax: the CPU attention kernel is unavailable (see the warning '
+                       'above); layers.dot_product_attention falls back to XLA without it')
+
+
+def _forward(query, key, value):
+  _require_kernel()
+  log_sum_exp = jax.ShapeDtypeStruct(query.shape[:-3] + (query.shape[-2], query.shape[-3]),
+                                     jnp.float32)
+  out, log_sum_exp = jax.ffi.ffi_call(
+      'instaflow_attention_forward', (*_shapes(query), log_sum_exp),
+      vmap_method='broadcast_all')(query, key, value)
+  return out, (query, key, value, out, log_sum_exp)
+
+
+def _backward(residuals, grad_out):
+  _require_kernel()
+  query, key, value = residuals[:3]
+  return tuple(jax.ffi.ffi_call('instaflow_attention_backward', _shapes(query, key, value),
+                                vmap_method='broadcast_all')(*residuals, grad_out))
+
+
+attention.defvjp(_forward, _backward)
