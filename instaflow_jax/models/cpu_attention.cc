@@ -32,6 +32,7 @@ typedef float Vec __attribute__((vector_size(4 * kLanes)));
 typedef int32_t IntVec __attribute__((vector_size(4 * kLanes)));
 constexpr int64_t kDimBlock = 4;  // head dims summed together in contract_keys
 constexpr int64_t kRows = 4;      // query rows that share each load of k and v
+constexpr int64_t kTile = 16;     // query rows whose gradients go into dk, dv in one pass
 
 inline Vec load(const float* p) {
   Vec v;
@@ -55,6 +56,32 @@ inline float reduce_lanes(Vec v, Op op) {
   return v[0];
 }
 
+// The sums of 16 registers at once, lane i holding register i's: four rounds that each
+// add the two halves of every group of lanes, two registers at a time (45 operations
+// where 16 separate reductions take 128).
+inline Vec sum_each(const Vec (&v)[kLanes]) {
+  Vec w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1],
+                             IntVec{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(v[2 * i], v[2 * i + 1],
+                             IntVec{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int i = 0; i < 4; ++i)
+    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1],
+                             IntVec{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
+           __builtin_shuffle(w[2 * i], w[2 * i + 1],
+                             IntVec{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+  for (int i = 0; i < 2; ++i)
+    y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1],
+                             IntVec{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}) +
+           __builtin_shuffle(x[2 * i], x[2 * i + 1],
+                             IntVec{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+  return __builtin_shuffle(y[0], y[1],
+                           IntVec{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
+         __builtin_shuffle(y[0], y[1],
+                           IntVec{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
+
 int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // exp(x) for x <= ~0 to about 1e-7 relative error (Cephes' expf polynomial); below -87 it
@@ -76,20 +103,37 @@ inline Vec exp_vec(Vec x) {
   return p * (Vec)two_to_n;
 }
 
+// out[r][j] = sum_c x[r][c] * m[c][j] for R rows and V registers of keys from j: R * V
+// independent sums, each load of m serving R rows.
+template <int64_t R, int64_t V>
+inline void combine_block(const float* x, int64_t x_stride, const float* m, int64_t dim,
+                          int64_t n, int64_t j, float* out) {
+  Vec acc[R][V] = {};
+  for (int64_t c = 0; c < dim; ++c) {
+    Vec mc[V];
+    for (int64_t u = 0; u < V; ++u) mc[u] = load(m + c * n + j + u * kLanes);
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec xr = splat(x[r * x_stride + c]);
+      for (int64_t u = 0; u < V; ++u) acc[r][u] += xr * mc[u];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t u = 0; u < V; ++u) store(out + r * n + j + u * kLanes, acc[r][u]);
+}
+
 // out[r][j] = sum_c x[r][c] * m[c][j] for R rows and j < n (n a multiple of kLanes):
-// scores from queries, or the weights' gradient from output gradients. Each load of m
-// serves R rows, and the R sums are independent chains that hide the FMA's latency.
+// scores from queries, or the weights' gradient from output gradients. Twelve sums at a
+// time where the keys allow: a multiply-add's latency is about twelve times its
+// throughput here.
 template <int64_t R>
 void combine_rows(const float* x, int64_t x_stride, const float* m, int64_t dim, int64_t n,
                   float* out) {
-  for (int64_t j = 0; j < n; j += kLanes) {
-    Vec acc[R] = {};
-    for (int64_t c = 0; c < dim; ++c) {
-      const Vec mc = load(m + c * n + j);
-      for (int64_t r = 0; r < R; ++r) acc[r] += splat(x[r * x_stride + c]) * mc;
-    }
-    for (int64_t r = 0; r < R; ++r) store(out + r * n + j, acc[r]);
-  }
+  constexpr int64_t kWide = 12 / R;
+  int64_t j = 0;
+  for (; j + kWide * kLanes <= n; j += kWide * kLanes)
+    combine_block<R, kWide>(x, x_stride, m, dim, n, j, out);
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) combine_block<R, 2>(x, x_stride, m, dim, n, j, out);
+  for (; j < n; j += kLanes) combine_block<R, 1>(x, x_stride, m, dim, n, j, out);
 }
 
 // out[r][c] = scale[r] * sum_j a[r][j] * m[c][j] for R rows: attention outputs from
@@ -98,22 +142,29 @@ template <int64_t R>
 void contract_keys(const float* a, const float* m, int64_t dim, int64_t n, const float* scale,
                    float* out, int64_t out_stride) {
   for (int64_t c0 = 0; c0 < dim; c0 += kDimBlock) {
-    Vec acc[R][kDimBlock] = {};
+    Vec acc[R * kDimBlock] = {};  // [r][c]
     for (int64_t j = 0; j < n; j += kLanes) {
       Vec mc[kDimBlock];
       for (int64_t c = 0; c < kDimBlock; ++c) mc[c] = load(m + (c0 + c) * n + j);
       for (int64_t r = 0; r < R; ++r) {
         const Vec ar = load(a + r * n + j);
-        for (int64_t c = 0; c < kDimBlock; ++c) acc[r][c] += ar * mc[c];
+        for (int64_t c = 0; c < kDimBlock; ++c) acc[r * kDimBlock + c] += ar * mc[c];
       }
+    }
+    float sums[R * kDimBlock];
+    if constexpr (R * kDimBlock == kLanes) {
+      store(sums, sum_each(acc));
+    } else {
+      for (int64_t i = 0; i < R * kDimBlock; ++i) sums[i] = reduce_lanes(acc[i], add);
     }
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < kDimBlock; ++c)
-        out[r * out_stride + c0 + c] = scale[r] * reduce_lanes(acc[r][c], add);
+        out[r * out_stride + c0 + c] = scale[r] * sums[r * kDimBlock + c];
   }
 }
 
-// m[c][j] += sum_r x[r][c] * a[r][j]: the keys' or values' gradient.
+// m[c][j] += sum_r x[r][c] * a[r][j]: the keys' or values' gradient, R rows at a time
+// so that m (up to dim x kv_len, more than L1 holds) is read and written once per R rows.
 template <int64_t R>
 void add_outer(const float* x, int64_t x_stride, const float* a, int64_t dim, int64_t n,
                float* m) {
@@ -122,17 +173,21 @@ void add_outer(const float* x, int64_t x_stride, const float* a, int64_t dim, in
     for (int64_t r = 0; r < R; ++r) xc[r] = splat(x[r * x_stride + c]);
     float* mc = m + c * n;
     for (int64_t j = 0; j < n; j += kLanes) {
-      Vec acc = load(mc + j);
-      for (int64_t r = 0; r < R; ++r) acc += xc[r] * load(a + r * n + j);
-      store(mc + j, acc);
+      Vec even = load(mc + j), odd{};  // two chains, half as long
+      for (int64_t r = 0; r + 1 < R; r += 2) {
+        even += xc[r] * load(a + r * n + j);
+        odd += xc[r + 1] * load(a + (r + 1) * n + j);
+      }
+      if (R % 2) even += xc[R - 1] * load(a + (R - 1) * n + j);
+      store(mc + j, even + odd);
     }
   }
 }
 
 float row_max(const float* x, int64_t n) {
-  Vec acc = splat(-INFINITY);
-  for (int64_t j = 0; j < n; j += kLanes) acc = max(acc, load(x + j));
-  return reduce_lanes(acc, max);
+  Vec acc[4] = {splat(-INFINITY), splat(-INFINITY), splat(-INFINITY), splat(-INFINITY)};
+  for (int64_t j = 0; j < n; j += kLanes) acc[(j / kLanes) % 4] = max(acc[(j / kLanes) % 4], load(x + j));
+  return reduce_lanes(max(max(acc[0], acc[1]), max(acc[2], acc[3])), max);
 }
 
 // x[j] = exp(x[j] - shift) for j < valid and 0 in the padding; returns their sum.
@@ -166,16 +221,23 @@ struct Shape {
 };
 
 // Keys or values of one (batch, head) pair as [dim, n]: the loops over keys then read
-// whole registers. The padding (n - kv_len keys) is zero.
+// whole registers. The padding (n - kv_len keys) is zero. kLanes keys at a time, so that
+// both the rows read and the runs written stay in L1.
 void pack_transposed(const float* src, const Shape& s, int64_t n, float* dst) {
   std::fill(dst, dst + s.dim * n, 0.0f);
-  for (int64_t j = 0; j < s.kv_len; ++j)
-    for (int64_t c = 0; c < s.dim; ++c) dst[c * n + j] = src[j * s.row() + c];
+  for (int64_t j0 = 0; j0 < s.kv_len; j0 += kLanes) {
+    const int64_t keys = std::min(kLanes, s.kv_len - j0);
+    for (int64_t c = 0; c < s.dim; ++c)
+      for (int64_t j = j0; j < j0 + keys; ++j) dst[c * n + j] = src[j * s.row() + c];
+  }
 }
 
 void unpack_transposed(const float* src, const Shape& s, int64_t n, float* dst) {
-  for (int64_t j = 0; j < s.kv_len; ++j)
-    for (int64_t c = 0; c < s.dim; ++c) dst[j * s.row() + c] = src[c * n + j];
+  for (int64_t j0 = 0; j0 < s.kv_len; j0 += kLanes) {
+    const int64_t keys = std::min(kLanes, s.kv_len - j0);
+    for (int64_t j = j0; j < j0 + keys; ++j)
+      for (int64_t c = 0; c < s.dim; ++c) dst[j * s.row() + c] = src[c * n + j];
+  }
 }
 
 // A thread's working memory, zeroed for each pair and kept across pairs.
@@ -232,20 +294,26 @@ struct Backward {
   Shape s;
 
   struct Buffers {
-    float *k_t, *v_t, *grad_k_t, *grad_v_t, *w, *grad_scores, *q_scaled;
+    float *k_t, *v_t, *grad_k_t, *grad_v_t;
+    float *w, *grad_scores, *q_scaled;  // [kTile, n], [kTile, n], [kTile, dim]
   };
 
+  // Rows first .. first + R - 1, at row t of the tile's buffers: their weights, the
+  // scores' gradient and the queries' gradient.
   template <int64_t R>
-  void rows(int64_t first, int64_t lse_first, int64_t n, const Buffers& b) const {
+  void rows(int64_t first, int64_t lse_first, int64_t t, int64_t n, const Buffers& b) const {
+    float* q_scaled = b.q_scaled + t * s.dim;
+    float* w = b.w + t * n;
+    float* grad_scores = b.grad_scores + t * n;
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < s.dim; ++c)
-        b.q_scaled[r * s.dim + c] = q[first + r * s.row() + c] * s.scale;
-    combine_rows<R>(b.q_scaled, s.dim, b.k_t, s.dim, n, b.w);
-    combine_rows<R>(grad_out + first, s.row(), b.v_t, s.dim, n, b.grad_scores);
+        q_scaled[r * s.dim + c] = q[first + r * s.row() + c] * s.scale;
+    combine_rows<R>(q_scaled, s.dim, b.k_t, s.dim, n, w);
+    combine_rows<R>(grad_out + first, s.row(), b.v_t, s.dim, n, grad_scores);
     float scale[R];
     for (int64_t r = 0; r < R; ++r) {
-      float* wr = b.w + r * n;
-      float* dsr = b.grad_scores + r * n;
+      float* wr = w + r * n;
+      float* dsr = grad_scores + r * n;
       exponentiate(wr, lse[lse_first + r], s.kv_len, n);
       // The scores' gradient: w * (g . v_j - g . out).
       float g_dot_out = 0.0f;
@@ -255,27 +323,40 @@ struct Backward {
         store(dsr + j, load(wr + j) * (load(dsr + j) - g_dot_out));
       scale[r] = s.scale;
     }
-    contract_keys<R>(b.grad_scores, b.k_t, s.dim, n, scale, grad_q + first, s.row());
-    add_outer<R>(b.q_scaled, s.dim, b.grad_scores, s.dim, n, b.grad_k_t);
-    add_outer<R>(grad_out + first, s.row(), b.w, s.dim, n, b.grad_v_t);
+    contract_keys<R>(grad_scores, b.k_t, s.dim, n, scale, grad_q + first, s.row());
+  }
+
+  // `count` <= kTile rows from `first`, then their share of dk and dv.
+  void tile(int64_t first, int64_t lse_first, int64_t count, int64_t n, const Buffers& b) const {
+    int64_t t = 0;
+    for (; t + kRows <= count; t += kRows)
+      rows<kRows>(first + t * s.row(), lse_first + t, t, n, b);
+    for (; t < count; ++t) rows<1>(first + t * s.row(), lse_first + t, t, n, b);
+    if (count == kTile) {
+      add_outer<kTile>(b.q_scaled, s.dim, b.grad_scores, s.dim, n, b.grad_k_t);
+      add_outer<kTile>(grad_out + first, s.row(), b.w, s.dim, n, b.grad_v_t);
+      return;
+    }
+    for (t = 0; t < count; ++t) {
+      add_outer<1>(b.q_scaled + t * s.dim, s.dim, b.grad_scores + t * n, s.dim, n, b.grad_k_t);
+      add_outer<1>(grad_out + first + t * s.row(), s.row(), b.w + t * n, s.dim, n, b.grad_v_t);
+    }
   }
 
   void pair(int64_t p, Scratch& scratch) const {
     const int64_t n = padded(s.kv_len), block = s.dim * n;
     Buffers b;
-    b.k_t = scratch.zeros(4 * block + 2 * kRows * n + kRows * s.dim);
+    b.k_t = scratch.zeros(4 * block + 2 * kTile * n + kTile * s.dim);
     b.v_t = b.k_t + block;
     b.grad_k_t = b.v_t + block;
     b.grad_v_t = b.grad_k_t + block;
-    b.w = b.grad_v_t + block;                // [kRows, n]
-    b.grad_scores = b.w + kRows * n;         // [kRows, n]
-    b.q_scaled = b.grad_scores + kRows * n;  // [kRows, dim]
+    b.w = b.grad_v_t + block;
+    b.grad_scores = b.w + kTile * n;
+    b.q_scaled = b.grad_scores + kTile * n;
     pack_transposed(k + s.kv_offset(p), s, n, b.k_t);
     pack_transposed(v + s.kv_offset(p), s, n, b.v_t);
-    int64_t i = 0;
-    for (; i + kRows <= s.q_len; i += kRows)
-      rows<kRows>(s.q_offset(p) + i * s.row(), s.lse_offset(p) + i, n, b);
-    for (; i < s.q_len; ++i) rows<1>(s.q_offset(p) + i * s.row(), s.lse_offset(p) + i, n, b);
+    for (int64_t i = 0; i < s.q_len; i += kTile)
+      tile(s.q_offset(p) + i * s.row(), s.lse_offset(p) + i, std::min(kTile, s.q_len - i), n, b);
     unpack_transposed(b.grad_k_t, s, n, grad_k + s.kv_offset(p));
     unpack_transposed(b.grad_v_t, s, n, grad_v + s.kv_offset(p));
   }
