@@ -17,7 +17,10 @@ other's numbers (a child rewrites its results file after every measurement). Bot
 run with glibc's huge-page tunable, as our command lines do (instaflow_jax/huge_pages.py).
 Ours goes first; the reference gets what is left of the budget, eager mode first, then
 torch.compile while time remains. Times are medians over --repeats calls after warm-up;
-compile time is reported on its own.
+compile time is reported on its own. --rounds N runs the pair N times, alternating which
+side goes first, and pools each measurement's timed calls over the rounds (the ratio of
+each round is printed too): on a shared VM whose speed drifts within minutes, one pair of
+children can favour either side.
 """
 import argparse
 import concurrent.futures
@@ -33,7 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -817,7 +820,10 @@ def parse_args(argv=None):
   parser.add_argument('--config', choices=sorted(CONFIGS), default='sd15')
   parser.add_argument('--out', help='write all numbers to this JSON file')
   parser.add_argument('--repeats', type=int, default=10, help='timed calls per measurement')
-  parser.add_argument('--budget-s', type=float, help='wall-time cap (default: per config)')
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='run both sides this many times, alternating which goes first, '
+                           'and pool the timed calls (this shared VM drifts within minutes)')
+  parser.add_argument('--budget-s', type=float, help='wall-time cap per round (default: per config)')
   parser.add_argument('--torch-compile', choices=('auto', 'on', 'off'), default='auto',
                       help='measure torch.compile too (auto: on CUDA only)')
   parser.add_argument('--compile-workers', type=int, default=min(6, os.cpu_count() or 1),
@@ -832,6 +838,55 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
+def run_round(args, cfg: BenchConfig, sections: List[str], budget: float) -> Tuple[dict, dict]:
+  """Each section's child once, in this order, within `budget` seconds from now: (merged
+  results, each child's status)."""
+  start, parts, statuses = time.time(), {}, {}
+  # While the other side still has to run, a side gets its share of the budget only.
+  share = {OURS: budget - cfg.torch_reserve_s, 'torch': cfg.torch_reserve_s}
+  for i, section in enumerate(sections):
+    deadline = start + (share[section] if sections[i + 1:] else budget)
+    path = os.path.join(args.scratch, f'{section}.json')
+    if os.path.exists(path):
+      os.remove(path)  # the round before's
+    statuses[section] = run_child(args, section, deadline, path)
+    if os.path.exists(path):
+      with open(path) as f:
+        parts[section] = json.load(f)
+  return merge(parts), statuses
+
+
+def pooled(rounds: List[dict]) -> dict:
+  """The first round's results with every timed measurement's calls pooled over all rounds
+  (its median and images/s recomputed from them) and the highest peak memory."""
+  results = copy.deepcopy(rounds[0])
+  for name, impls in results['measurements'].items():
+    for impl, result in impls.items():
+      per_round = [r['measurements'].get(name, {}).get(impl) or {} for r in rounds]
+      times = [t for r in per_round for t in r.get('times_s', [])]
+      if 'times_s' in result and times:
+        result.update(times_s=times, median_s=statistics.median(times))
+        if 'items' in result:
+          result['items_per_s'] = result['items'] / result['median_s']
+      peaks = [r['cpu_peak_bytes'] for r in per_round if r.get('cpu_peak_bytes') is not None]
+      if peaks:
+        result['cpu_peak_bytes'] = max(peaks)
+  for later in rounds[1:]:
+    for section, error in (later.get('errors') or {}).items():
+      results.setdefault('errors', {}).setdefault(section, error)
+  return results
+
+
+def ratios_by_round(rounds: List[dict]) -> str:
+  lines = []
+  for name in rounds[0]['measurements']:
+    cells = [_ratio(r['measurements'].get(name, {}).get(OURS),
+                    r['measurements'].get(name, {}).get(EAGER)) for r in rounds]
+    if any(c != '-' for c in cells):
+      lines.append(f'  {name:<12} ' + ' '.join(f'{c:>7}' for c in cells))
+  return '\n'.join(lines)
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.section:
@@ -841,27 +896,36 @@ def main(argv=None) -> None:
   budget = args.budget_s or cfg.budget_s
   sections = [s for s in args.sections.split(',') if s]
   results: Dict[str, Any] = {'config': args.config, 'repeats': args.repeats, 'budget_s': budget,
-                             'model_configs': dataclasses.asdict(cfg), 'sections': {}}
+                             'rounds': args.rounds, 'model_configs': dataclasses.asdict(cfg),
+                             'sections': {}}
+  rounds = []
   with tempfile.TemporaryDirectory(prefix='gpu_bench_') as scratch:
     args.scratch = scratch
-    parts = {}
-    for section in sections:
-      reserve = cfg.torch_reserve_s if section == OURS and 'torch' in sections else 0.0
-      path = os.path.join(scratch, f'{section}.json')
-      results['sections'][section] = run_child(args, section, start + budget - reserve, path)
-      if os.path.exists(path):
-        with open(path) as f:
-          parts[section] = json.load(f)
-    results.update(merge(parts))
+    for r in range(args.rounds):
+      # Odd rounds run the children in the other order, so that a machine that speeds up or
+      # slows down during the run favours neither side.
+      order = sections if r % 2 == 0 else sections[::-1]
+      if args.rounds > 1:
+        print(f'== round {r + 1} of {args.rounds}: {", ".join(order)}', flush=True)
+      merged, statuses = run_round(args, cfg, order, budget)
+      rounds.append(merged)
+      for section, status in statuses.items():
+        results['sections'][section if args.rounds == 1 else f'{section}_{r + 1}'] = status
+    results.update(pooled(rounds))
     results['agreement'] = agreement(cfg, scratch)
+  if args.rounds > 1:
+    results['by_round'] = rounds
   results['wall_s'] = time.time() - start
+  pooled_note = f' pooled over {args.rounds} rounds' if args.rounds > 1 else ''
   print(f'\n== {args.config}: ours (Flax) vs reference (diffusers/transformers), {cfg.dtype}, '
-        f'median of {args.repeats}; wall {results["wall_s"]:.0f} s')
+        f'median of {args.repeats}{pooled_note}; wall {results["wall_s"]:.0f} s')
   for section, env in (results.get('environment') or {}).items():
     print(f'   {section}: {env}')
   for section, error in (results.get('errors') or {}).items():
     print(f'   {section} failed: {error}')
   print(table(cfg, results))
+  if args.rounds > 1:
+    print('ratio (torch eager / ours) in each round:\n' + ratios_by_round(rounds))
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
