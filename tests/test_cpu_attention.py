@@ -55,6 +55,19 @@ def test_kernel_matches_torch_with_gradients(batch, q_len, kv_len, heads, dim, l
                                                                         reference_error)
 
 
+def test_a_nan_in_the_inputs_comes_out_as_nan():
+  """As in PyTorch: the training loop's NaN stop depends on it (an exp with a floor, or a
+  max that drops NaN, would turn it into finite numbers)."""
+  q = np.ones((1, 4, 1, 8), np.float32)
+  q[0, 1, 0, 3] = np.nan
+  kv = jnp.asarray(np.random.RandomState(2).randn(1, 20, 1, 8), jnp.float32)
+  out = np.asarray(jax.jit(cpu_attention.attention)(q, kv, kv))
+  assert np.isnan(out[0, 1]).all() and np.isfinite(np.delete(out, 1, axis=1)).all()
+  k_nan = np.asarray(kv).copy()
+  k_nan[0, 17, 0, 0] = np.nan  # in the last, partly padded register of keys
+  assert np.isnan(np.asarray(jax.jit(cpu_attention.attention)(q, k_nan, kv))).all()
+
+
 def _lowered_text(fn, *args) -> str:
   return jax.jit(fn).lower(*args).as_text()
 

@@ -8,8 +8,8 @@
 //
 // Layout: q [..., q_len, heads, dim], k and v [..., kv_len, heads, dim] (float32, as the
 // projections produce them: no transposes). The forward pass returns out (q's layout) and
-// the log-sum-exp [..., heads, q_len]. Leading dimensions are batch dimensions, which
-// lets vmap and a batch-sharded mesh add theirs. dim is a multiple of kDimBlock.
+// the log-sum-exp [..., heads, q_len]. Leading dimensions are batch dimensions (vmap adds
+// its own there). dim is a multiple of kDimBlock.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -42,7 +42,7 @@ inline Vec load(const float* p) {
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 inline Vec splat(float x) { return Vec{} + x; }
 inline Vec add(Vec a, Vec b) { return a + b; }
-inline Vec max(Vec a, Vec b) { return a > b ? a : b; }
+inline Vec max(Vec a, Vec b) { return (a > b) | (a != a) ? a : b; }  // NaN wins
 
 // Folds the upper half of the lanes onto the lower half four times: shuffles instead of a
 // chain of sixteen dependent scalar operations.
@@ -85,10 +85,10 @@ inline Vec sum_each(const Vec (&v)[kLanes]) {
 int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // exp(x) for x <= ~0 to about 1e-7 relative error (Cephes' expf polynomial); below -87 it
-// returns exp(-87) instead of underflowing into denormals.
+// returns exp(-87) instead of underflowing into denormals. NaN stays NaN.
 inline Vec exp_vec(Vec x) {
   const Vec lowest = splat(-87.0f), shifter = splat(12582912.0f);  // 1.5 * 2^23 rounds
-  x = max(x, lowest);
+  x = x < lowest ? lowest : x;
   const Vec t = x * 1.44269504088896341f + shifter;
   const Vec n = t - shifter;
   const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -184,9 +184,11 @@ void add_outer(const float* x, int64_t x_stride, const float* a, int64_t dim, in
   }
 }
 
+// The largest of x[0..n), NaN if any is NaN.
 float row_max(const float* x, int64_t n) {
-  Vec acc[4] = {splat(-INFINITY), splat(-INFINITY), splat(-INFINITY), splat(-INFINITY)};
-  for (int64_t j = 0; j < n; j += kLanes) acc[(j / kLanes) % 4] = max(acc[(j / kLanes) % 4], load(x + j));
+  Vec acc[4];  // four chains
+  std::fill(acc, acc + 4, splat(-INFINITY));
+  for (int64_t j = 0, i = 0; j < n; j += kLanes, i = (i + 1) % 4) acc[i] = max(acc[i], load(x + j));
   return reduce_lanes(max(max(acc[0], acc[1]), max(acc[2], acc[3])), max);
 }
 
