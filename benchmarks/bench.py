@@ -823,7 +823,8 @@ def parse_args(argv=None):
   parser.add_argument('--rounds', type=int, default=1,
                       help='run both sides this many times, alternating which goes first, '
                            'and pool the timed calls (this shared VM drifts within minutes)')
-  parser.add_argument('--budget-s', type=float, help='wall-time cap per round (default: per config)')
+  parser.add_argument('--budget-s', type=float,
+                      help='wall-time cap per round (default: per config)')
   parser.add_argument('--torch-compile', choices=('auto', 'on', 'off'), default='auto',
                       help='measure torch.compile too (auto: on CUDA only)')
   parser.add_argument('--compile-workers', type=int, default=min(6, os.cpu_count() or 1),

@@ -22,6 +22,8 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using Buffer = ffi::Buffer<ffi::F32>;
+using ResultBuffer = ffi::ResultBuffer<ffi::F32>;
 
 namespace {
 
@@ -242,6 +244,12 @@ void unpack_transposed(const float* src, const Shape& s, int64_t n, float* dst) 
   }
 }
 
+// `rows` query rows times the softmax scale, packed [rows, dim].
+void scaled_rows(const float* q, int64_t rows, const Shape& s, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < s.dim; ++c) out[r * s.dim + c] = q[r * s.row() + c] * s.scale;
+}
+
 // A thread's working memory, zeroed for each pair and kept across pairs.
 struct Scratch {
   std::vector<float> data;
@@ -259,8 +267,7 @@ struct Forward {
   template <int64_t R>
   void rows(int64_t first, int64_t lse_first, const float* k_t, const float* v_t, int64_t n,
             float* w, float* q_scaled) const {
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < s.dim; ++c) q_scaled[r * s.dim + c] = q[first + r * s.row() + c] * s.scale;
+    scaled_rows(q + first, R, s, q_scaled);
     combine_rows<R>(q_scaled, s.dim, k_t, s.dim, n, w);
     float inverse_sum[R];
     for (int64_t r = 0; r < R; ++r) {
@@ -307,9 +314,7 @@ struct Backward {
     float* q_scaled = b.q_scaled + t * s.dim;
     float* w = b.w + t * n;
     float* grad_scores = b.grad_scores + t * n;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < s.dim; ++c)
-        q_scaled[r * s.dim + c] = q[first + r * s.row() + c] * s.scale;
+    scaled_rows(q + first, R, s, q_scaled);
     combine_rows<R>(q_scaled, s.dim, b.k_t, s.dim, n, w);
     combine_rows<R>(grad_out + first, s.row(), b.v_t, s.dim, n, grad_scores);
     float scale[R];
@@ -389,7 +394,7 @@ void for_each_pair(const Job& job, ffi::ThreadPool pool) {
   while (state->done.load(std::memory_order_acquire) < job.s.pairs()) std::this_thread::yield();
 }
 
-ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, Shape* s) {
+ffi::Error shape_of(const Buffer& q, const Buffer& k, Shape* s) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   const size_t rank = qd.size();
   if (rank < 3 || kd.size() != rank)
@@ -403,21 +408,20 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
   return ffi::Error::Success();
 }
 
-const float* in(const ffi::Buffer<ffi::F32>& b) { return b.typed_data(); }
-float* result(ffi::Result<ffi::Buffer<ffi::F32>>& b) { return b->typed_data(); }
+const float* in(const Buffer& b) { return b.typed_data(); }
+float* result(ResultBuffer& b) { return b->typed_data(); }
 
-ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+ffi::Error forward(ffi::ThreadPool pool, Buffer q, Buffer k, Buffer v, ResultBuffer out,
+                   ResultBuffer lse) {
   Shape s;
   if (ffi::Error error = shape_of(q, k, &s); error.failure()) return error;
   for_each_pair(Forward{in(q), in(k), in(v), result(out), result(lse), s}, pool);
   return ffi::Error::Success();
 }
 
-ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> grad_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> grad_q, ffi::Result<ffi::Buffer<ffi::F32>> grad_k,
-                    ffi::Result<ffi::Buffer<ffi::F32>> grad_v) {
+ffi::Error backward(ffi::ThreadPool pool, Buffer q, Buffer k, Buffer v, Buffer out,
+                    Buffer lse, Buffer grad_out, ResultBuffer grad_q, ResultBuffer grad_k,
+                    ResultBuffer grad_v) {
   Shape s;
   if (ffi::Error error = shape_of(q, k, &s); error.failure()) return error;
   for_each_pair(Backward{in(q), in(k), in(v), in(out), in(lse), in(grad_out), result(grad_q),
@@ -431,21 +435,21 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InstaflowAttentionForward, forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // log-sum-exp
+                                  .Arg<Buffer>()  // q
+                                  .Arg<Buffer>()  // k
+                                  .Arg<Buffer>()  // v
+                                  .Ret<Buffer>()  // out
+                                  .Ret<Buffer>());  // log-sum-exp
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InstaflowAttentionBackward, backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // log-sum-exp
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // the gradient of out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // of q
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // of k
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // of v
+                                  .Arg<Buffer>()  // q
+                                  .Arg<Buffer>()  // k
+                                  .Arg<Buffer>()  // v
+                                  .Arg<Buffer>()  // out
+                                  .Arg<Buffer>()  // log-sum-exp
+                                  .Arg<Buffer>()  // the gradient of out
+                                  .Ret<Buffer>()  // of q
+                                  .Ret<Buffer>()  // of k
+                                  .Ret<Buffer>());  // of v
