@@ -44,6 +44,31 @@ def test_conv_module_matches_lax_on_both_paths(size):
   np.testing.assert_allclose(apply(x), expected, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize('height,width', [(1, 2), (3, 5), (8, 8)])  # phases: matmul, library
+def test_conv_of_upsampled_input_equals_the_convolution_of_the_upsampling(height, width):
+  """Four 2x2 convolutions of the input, interleaved, for the 3x3 convolution of its 2x
+  nearest up-sampling: the same values and gradients (only the taps' sums round apart)."""
+  module = layers.conv(6, 'conv', upsampled_2x=True)
+  x = jnp.asarray(np.random.RandomState(2).randn(2, height, width, 4), jnp.float32)
+  params = nn.meta.unbox(module.init(jax.random.key(0), x))['params']
+  weights = jnp.asarray(np.random.RandomState(3).randn(2, 2 * height, 2 * width, 6), jnp.float32)
+
+  def loss(conv, x, kernel):
+    return jnp.sum(weights * conv(x, kernel))
+
+  ours = lambda x, kernel: module.apply({'params': dict(params, kernel=kernel)}, x)
+  plain = lambda x, kernel: _lax_conv(layers.upsample_nearest_2x(x), kernel, (1, 1),
+                                      ((1, 1), (1, 1))) + params['bias']
+  uses_library_conv = 'conv_general_dilated' in str(jax.make_jaxpr(ours)(x, params['kernel']))
+  assert uses_library_conv == (height * width > layers._CPU_MATMUL_CONV_MAX_PIXELS)
+  np.testing.assert_allclose(ours(x, params['kernel']), plain(x, params['kernel']),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1))(x, params['kernel'])
+  expected = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1))(x, params['kernel'])
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+
 @pytest.mark.parametrize('is_causal,with_mask', [(False, False), (True, False), (True, True)])
 def test_cpu_attention_equals_jax_attention_with_gradients(is_causal, with_mask):
   rng = np.random.RandomState(2)

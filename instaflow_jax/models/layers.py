@@ -62,15 +62,16 @@ class Dense(nn.Module):
 
 
 def conv(features: int, name: str, *, kernel_size: int = 3, strides: int = 1,
-         padding: Padding = None, use_bias: bool = True, dtype: Dtype = jnp.float32,
-         param_dtype: Dtype = jnp.float32) -> 'Conv':
-  """A 2-D convolution on NHWC input (torch nn.Conv2d); padding defaults to 'same' for odd kernels."""
+         padding: Padding = None, use_bias: bool = True, upsampled_2x: bool = False,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> 'Conv':
+  """A 2-D convolution on NHWC input (torch nn.Conv2d); padding defaults to 'same' for odd
+  kernels. With upsampled_2x, of the input up-sampled 2x (nearest) first."""
   if padding is None:
     padding = kernel_size // 2
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
-  return Conv(features, kernel_size, strides, tuple(map(tuple, padding)), use_bias, dtype,
-              param_dtype, name=name)
+  return Conv(features, kernel_size, strides, tuple(map(tuple, padding)), use_bias,
+              upsampled_2x, dtype, param_dtype, name=name)
 
 
 def _on_cpu() -> bool:
@@ -157,14 +158,51 @@ def _conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int],
   return jnp.dot(jnp.concatenate(views, axis=-1), kernel.reshape(kh * kw * cin, cout))
 
 
+def _conv2d(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int],
+            padding: Tuple[Tuple[int, int], Tuple[int, int]]) -> jax.Array:
+  """XLA's convolution (NHWC, HWIO); on a CPU over a few output pixels, one matmul."""
+  out_pixels = (_conv_output_size(x.shape[1], kernel.shape[0], strides[0], padding[0])
+                * _conv_output_size(x.shape[2], kernel.shape[1], strides[1], padding[1]))
+  if _on_cpu() and out_pixels <= _CPU_MATMUL_CONV_MAX_PIXELS:
+    return _conv_as_matmul(x, kernel, strides, padding)
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _nearest_2x_taps(kernel: jax.Array, axis: int) -> Tuple[jax.Array, jax.Array]:
+  """A 3-tap kernel axis seen from the input of a 2x nearest up-sampling: even outputs take
+  input pixels (i - 1, i) with taps (k0, k1 + k2), odd outputs (i, i + 1) with (k0 + k1, k2)."""
+  k0, k1, k2 = jnp.split(kernel, 3, axis=axis)
+  return jnp.concatenate([k0, k1 + k2], axis), jnp.concatenate([k0 + k1, k2], axis)
+
+
+def _conv_of_nearest_2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The 3x3 'same' convolution of upsample_nearest_2x(x), without making the up-sampled
+  input: each of the four output phases (row and column parity) is a 2x2 convolution of x
+  with the taps that fall on the same input pixel added (4 taps where there were 9: on a CPU
+  1.6-2x faster forward, 1.6-4x with the gradients, at the VAE's and U-Net's shapes)."""
+  batch, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  rows = []
+  for a, row_kernel in enumerate(_nearest_2x_taps(kernel, 0)):
+    phases = [_conv2d(padded[:, a:a + height + 1, b:b + width + 1], phase_kernel, (1, 1),
+                      ((0, 0), (0, 0)))
+              for b, phase_kernel in enumerate(_nearest_2x_taps(row_kernel, 1))]
+    rows.append(jnp.stack(phases, axis=3))  # [batch, height, width, column parity, out]
+  interleaved = jnp.stack(rows, axis=2)  # [batch, height, row parity, width, col parity, out]
+  return interleaved.reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
+
+
 class Conv(nn.Module):
   """nn.Conv's parameters (kernel HWIO, bias) and result; on a CPU, convolutions over a few
-  pixels run as a matmul (see _CPU_MATMUL_CONV_MAX_PIXELS)."""
+  pixels run as a matmul (see _CPU_MATMUL_CONV_MAX_PIXELS), and those of a 2x nearest
+  up-sampled input as four smaller ones on the input (_conv_of_nearest_2x)."""
   features: int
   kernel_size: int
   strides: int
   padding: Tuple[Tuple[int, int], Tuple[int, int]]
   use_bias: bool = True
+  upsampled_2x: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -176,13 +214,13 @@ class Conv(nn.Module):
         (k, k, x.shape[-1], self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = (self.strides, self.strides)
-    out_pixels = (_conv_output_size(x.shape[1], k, self.strides, self.padding[0])
-                  * _conv_output_size(x.shape[2], k, self.strides, self.padding[1]))
-    if _on_cpu() and out_pixels <= _CPU_MATMUL_CONV_MAX_PIXELS:
-      convolve = lambda x, kernel: _conv_as_matmul(x, kernel, strides, self.padding)
+    same_3x3 = k == 3 and strides == (1, 1) and self.padding == ((1, 1), (1, 1))
+    if self.upsampled_2x and _on_cpu() and same_3x3:
+      convolve = _conv_of_nearest_2x
+    elif self.upsampled_2x:
+      convolve = lambda x, kernel: _conv2d(upsample_nearest_2x(x), kernel, strides, self.padding)
     else:
-      convolve = lambda x, kernel: jax.lax.conv_general_dilated(
-          x, kernel, strides, self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      convolve = lambda x, kernel: _conv2d(x, kernel, strides, self.padding)
     y = kernel_grad_after_input_grad(convolve)(x, kernel)
     if self.use_bias:
       bias = self.param('bias', _with_axes(nn.initializers.zeros_init(), ('conv_out',)),
@@ -492,10 +530,10 @@ class Upsample2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, size: Optional[Tuple[int, int]] = None) -> jax.Array:
-    if size is None:
-      size = (2 * x.shape[1], 2 * x.shape[2])
-    return conv(self.out_channels, 'conv', dtype=self.dtype,
-                param_dtype=self.param_dtype)(upsample_nearest(x, size))
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+      return conv(self.out_channels, 'conv', upsampled_2x=True, **kw)(x)
+    return conv(self.out_channels, 'conv', **kw)(upsample_nearest(x, size))
 
 
 def tuple_of(value: Any, length: int) -> Tuple[Any, ...]:
