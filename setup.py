@@ -21,7 +21,7 @@ setup(
     description='InstaFlow (one-step text-to-image with rectified flow) in JAX/Flax: '
                 'training recipe, sampling, evaluation, conversion.',
     packages=find_packages(include=['instaflow_jax', 'instaflow_jax.*']),
-    # The CPU attention kernel's source, compiled on first use (models/cpu_attention.py).
+    # The CPU kernels' source, compiled on first use (models/cpu_kernels.py).
     package_data={'instaflow_jax.models': ['*.cc']},
     python_requires='>=3.10',
     install_requires=[

@@ -1,15 +1,21 @@
-// Multi-head attention for XLA:CPU, forward and backward, as two FFI custom calls.
+// Kernels for XLA:CPU as FFI custom calls: multi-head attention (forward and backward) and
+// GroupNorm's forward pass with its SiLU.
 //
-// XLA runs attention as whole-tensor operations, so the [batch, heads, q, kv] scores and
-// weights go through memory about thirteen times per layer in a training step. Here each
-// (batch, head) pair is done by one thread, a few query rows at a time, while their
-// scores sit in L1; the backward pass recomputes the weights from the saved log-sum-exp,
-// as flash attention does.
+// Attention. XLA runs attention as whole-tensor operations, so the [batch, heads, q, kv]
+// scores and weights go through memory about thirteen times per layer in a training step.
+// Here each (batch, head) pair is done by one thread, a few query rows at a time, while
+// their scores sit in L1; the backward pass recomputes the weights from the saved
+// log-sum-exp, as flash attention does.
 //
 // Layout: q [..., q_len, heads, dim], k and v [..., kv_len, heads, dim] (float32, as the
 // projections produce them: no transposes). The forward pass returns out (q's layout) and
 // the log-sum-exp [..., heads, q_len]. Leading dimensions are batch dimensions (vmap adds
 // its own there). dim is a multiple of kDimBlock.
+//
+// GroupNorm. XLA makes five single-threaded passes over the activations (bias, mean,
+// centred squares, normalise, SiLU); here three passes (mean, variance, normalise with the
+// SiLU), each split over pixel blocks on both cores. x is [batch, ..., channels] with
+// channels a multiple of kLanes.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -369,29 +375,39 @@ struct Backward {
   }
 };
 
-// Runs job.pair(p) for every (batch, head) pair on this thread and the pool's. Helpers
-// take pairs from a shared counter, and this thread waits only for pairs already taken:
-// a helper that starts late (or never, on a busy pool) finds nothing left and cannot
-// hold it up. The state is shared because a late helper may outlive this call.
-template <typename Job>
-void for_each_pair(const Job& job, ffi::ThreadPool pool) {
+// Runs task(i) for every i in [0, count) on this thread and the pool's, each thread with
+// the task object make_task() gives it (its own scratch memory). Helpers take indices from
+// a shared counter, and this thread waits only for indices already taken: a helper that
+// starts late (or never, on a busy pool) finds nothing left and cannot hold it up. The
+// state is shared because a late helper may outlive this call.
+template <typename MakeTask>
+void parallel_for(int64_t count, ffi::ThreadPool pool, const MakeTask& make_task) {
   struct State {
-    Job job;
+    MakeTask make_task;
+    int64_t count;
     std::atomic<int64_t> next{0}, done{0};
-    explicit State(const Job& j) : job(j) {}
+    State(const MakeTask& m, int64_t c) : make_task(m), count(c) {}
     void work() {
-      Scratch scratch;
-      for (int64_t p; (p = next.fetch_add(1)) < job.s.pairs();) {
-        job.pair(p, scratch);
+      auto task = make_task();
+      for (int64_t i; (i = next.fetch_add(1)) < count;) {
+        task(i);
         done.fetch_add(1, std::memory_order_release);
       }
     }
   };
-  auto state = std::make_shared<State>(job);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job.s.pairs() - 1);
+  auto state = std::make_shared<State>(make_task, count);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { state->work(); });
   state->work();
-  while (state->done.load(std::memory_order_acquire) < job.s.pairs()) std::this_thread::yield();
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+// Runs job.pair(p, scratch) for every (batch, head) pair.
+template <typename Job>
+void for_each_pair(const Job& job, ffi::ThreadPool pool) {
+  parallel_for(job.s.pairs(), pool, [job] {
+    return [job, scratch = Scratch()](int64_t p) mutable { job.pair(p, scratch); };
+  });
 }
 
 ffi::Error shape_of(const Buffer& q, const Buffer& k, Shape* s) {
@@ -430,6 +446,127 @@ ffi::Error backward(ffi::ThreadPool pool, Buffer q, Buffer k, Buffer v, Buffer o
   return ffi::Error::Success();
 }
 
+// ---- GroupNorm ---------------------------------------------------------------------------
+
+inline Vec silu(Vec x) {
+  const Vec e = exp_vec(x > 0 ? -x : x);  // exp(-|x|) <= 1: exp_vec's range, no overflow
+  const Vec one = splat(1.0f);
+  return x * ((x > 0 ? one : e) / (one + e));
+}
+
+constexpr int64_t kBlockPixels = 256;  // pixels per task
+constexpr int64_t kSumPixels = 32;     // summed in float, then added into doubles
+
+// out[c] = sum over pixels [begin, end) of f(x[p, c], c), per channel.
+template <typename F>
+void channel_sums(const float* x, int64_t channels, int64_t begin, int64_t end, F f,
+                  double* out) {
+  std::vector<float> partial(channels);
+  std::fill(out, out + channels, 0.0);
+  for (int64_t p0 = begin; p0 < end; p0 += kSumPixels) {
+    std::fill(partial.begin(), partial.end(), 0.0f);
+    for (int64_t p = p0; p < std::min(end, p0 + kSumPixels); ++p)
+      for (int64_t c = 0; c < channels; c += kLanes)
+        store(&partial[c], load(&partial[c]) + f(load(x + p * channels + c), c));
+    for (int64_t c = 0; c < channels; ++c) out[c] += partial[c];
+  }
+}
+
+struct GroupNormShape {
+  int64_t batch, pixels, channels, groups, blocks;
+  int64_t tasks() const { return batch * blocks; }
+  int64_t per_group() const { return channels / groups; }
+};
+
+struct GroupNormJob {
+  const float *x, *scale, *bias;
+  float* y;
+  GroupNormShape s;
+  float epsilon;
+  bool with_silu;
+  std::vector<double> sums;          // per task and channel
+  std::vector<float> mean, factor;   // per image and channel: the group's mean, inv_std * scale
+
+  const float* image(int64_t task) const { return x + task / s.blocks * s.pixels * s.channels; }
+  int64_t first_pixel(int64_t task) const { return task % s.blocks * kBlockPixels; }
+  int64_t end_pixel(int64_t task) const {
+    return std::min(s.pixels, first_pixel(task) + kBlockPixels);
+  }
+
+  // Each channel of image b gets finish(the mean over its group of the per-channel sums).
+  template <typename Finish>
+  void group_values(int64_t b, Finish finish, float* into) const {
+    const int64_t per_group = s.per_group();
+    for (int64_t g = 0; g < s.groups; ++g) {
+      double total = 0;
+      for (int64_t t = b * s.blocks; t < (b + 1) * s.blocks; ++t)
+        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c)
+          total += sums[t * s.channels + c];
+      const float value = finish(float(total / double(s.pixels * per_group)));
+      std::fill(into + g * per_group, into + (g + 1) * per_group, value);
+    }
+  }
+
+  template <typename F>
+  void sum_blocks(ffi::ThreadPool pool, F per_image_f) {
+    parallel_for(s.tasks(), pool, [this, per_image_f] {
+      return [this, per_image_f](int64_t t) {
+        channel_sums(image(t), s.channels, first_pixel(t), end_pixel(t),
+                     per_image_f(t / s.blocks), &sums[t * s.channels]);
+      };
+    });
+  }
+
+  void run(ffi::ThreadPool pool) {
+    const int64_t c_all = s.batch * s.channels;
+    sums.resize(s.tasks() * s.channels);
+    mean.resize(c_all);
+    factor.resize(c_all);
+    sum_blocks(pool, [](int64_t) { return [](Vec v, int64_t) { return v; }; });
+    for (int64_t b = 0; b < s.batch; ++b)
+      group_values(b, [](float m) { return m; }, &mean[b * s.channels]);
+    // Two passes, as torch: the variance of the centred values, not E[x^2] - E[x]^2.
+    sum_blocks(pool, [this](int64_t b) {
+      const float* m = &mean[b * s.channels];
+      return [m](Vec v, int64_t c) { const Vec d = v - load(m + c); return d * d; };
+    });
+    for (int64_t b = 0; b < s.batch; ++b) {
+      float* f = &factor[b * s.channels];
+      group_values(b, [this](float var) { return 1.0f / std::sqrt(var + epsilon); }, f);
+      for (int64_t c = 0; c < s.channels; ++c) f[c] *= scale[c];
+    }
+    parallel_for(s.tasks(), pool, [this] {
+      return [this](int64_t t) { normalise(t); };
+    });
+  }
+
+  void normalise(int64_t t) const {
+    const int64_t b = t / s.blocks;
+    const float *m = &mean[b * s.channels], *f = &factor[b * s.channels];
+    for (int64_t p = first_pixel(t); p < end_pixel(t); ++p) {
+      const int64_t at = (b * s.pixels + p) * s.channels;
+      for (int64_t c = 0; c < s.channels; c += kLanes) {
+        const Vec v = (load(x + at + c) - load(m + c)) * load(f + c) + load(bias + c);
+        store(y + at + c, with_silu ? silu(v) : v);
+      }
+    }
+  }
+};
+
+ffi::Error group_norm(ffi::ThreadPool pool, Buffer x, Buffer scale, Buffer bias, ResultBuffer y,
+                      int64_t groups, float epsilon, bool with_silu) {
+  const auto d = x.dimensions();
+  if (d.size() < 2) return ffi::Error::InvalidArgument("group norm takes [batch, ..., channels]");
+  const int64_t channels = d[d.size() - 1];
+  if (channels % kLanes || groups <= 0 || channels % groups)
+    return ffi::Error::InvalidArgument("group norm's channels must be a multiple of 16 and of the groups");
+  int64_t pixels = 1;
+  for (size_t a = 1; a + 1 < d.size(); ++a) pixels *= d[a];
+  const GroupNormShape s{d[0], pixels, channels, groups, (pixels + kBlockPixels - 1) / kBlockPixels};
+  GroupNormJob{in(x), in(scale), in(bias), result(y), s, epsilon, with_silu}.run(pool);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InstaflowAttentionForward, forward,
@@ -453,3 +590,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InstaflowAttentionBackward, backward,
                                   .Ret<Buffer>()  // of q
                                   .Ret<Buffer>()  // of k
                                   .Ret<Buffer>());  // of v
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InstaflowGroupNorm, group_norm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Buffer>()  // x
+                                  .Arg<Buffer>()  // scale
+                                  .Arg<Buffer>()  // bias
+                                  .Ret<Buffer>()  // y
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("with_silu"));

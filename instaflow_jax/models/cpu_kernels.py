@@ -1,14 +1,15 @@
-"""Attention on XLA:CPU through the C++ kernel in cpu_attention.cc, compiled on first use.
+"""Attention and GroupNorm on XLA:CPU through the C++ kernels in cpu_kernels.cc, compiled on
+first use.
 
-The kernel is built with the machine's C++ compiler ($CXX, else c++) against the XLA FFI
+The kernels are built with the machine's C++ compiler ($CXX, else c++) against the XLA FFI
 headers that jaxlib ships, once per source, compiler, jaxlib and CPU, into
-$INSTAFLOW_JAX_KERNEL_CACHE (default ~/.cache/instaflow_jax/kernels). Where it cannot be
-built, layers.dot_product_attention keeps its XLA formulation and says why once.
-INSTAFLOW_JAX_CPU_ATTENTION=xla turns the kernel off.
+$INSTAFLOW_JAX_KERNEL_CACHE (default ~/.cache/instaflow_jax/kernels). Where they cannot be
+built, the layers keep their XLA formulations and say why once.
+INSTAFLOW_JAX_CPU_KERNELS=xla turns them off.
 
-It runs on a single CPU device only. XLA's partitioner knows nothing of a custom call's
+They run on a single CPU device only. XLA's partitioner knows nothing of a custom call's
 dimensions and would gather a sharded batch onto every device around it, so meshes of
-simulated CPU devices (tests, launch/local.py) keep the XLA formulation.
+simulated CPU devices (tests, launch/local.py) keep the XLA formulations.
 """
 import ctypes
 import functools
@@ -23,29 +24,41 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 SOURCE = Path(__file__).with_suffix('.cc')
 _TARGETS = {'instaflow_attention_forward': 'InstaflowAttentionForward',
-            'instaflow_attention_backward': 'InstaflowAttentionBackward'}
+            'instaflow_attention_backward': 'InstaflowAttentionBackward',
+            'instaflow_group_norm': 'InstaflowGroupNorm'}
 _COMPILE_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 HEAD_DIM_MULTIPLE = 4  # kDimBlock in the kernel
+CHANNEL_MULTIPLE = 16  # kLanes
 
 
-def applies(head_dim: int) -> bool:
+def attention_applies(head_dim: int) -> bool:
   """Whether attention with this head dim runs in the kernel (building it on first call)."""
-  return head_dim % HEAD_DIM_MULTIPLE == 0 and jax.device_count() == 1 and _registered()
+  return head_dim % HEAD_DIM_MULTIPLE == 0 and _usable()
+
+
+def group_norm_applies(channels: int, activation) -> bool:
+  """Whether GroupNorm over this many channels, then `activation`, runs in the kernel."""
+  return channels % CHANNEL_MULTIPLE == 0 and activation in (None, 'silu', 'swish') and _usable()
+
+
+def _usable() -> bool:
+  return jax.device_count() == 1 and _registered()
 
 
 @functools.cache
 def _registered() -> bool:
-  if os.environ.get('INSTAFLOW_JAX_CPU_ATTENTION', 'kernel') == 'xla':
+  if os.environ.get('INSTAFLOW_JAX_CPU_KERNELS', 'kernel') == 'xla':
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(built_library()))
   except (OSError, subprocess.SubprocessError) as e:
-    warnings.warn(f'instaflow_jax: CPU attention kernel unavailable ({e}); using the slower XLA '
-                  'formulation. Install a C++ compiler (g++) to get it, or set '
-                  'INSTAFLOW_JAX_CPU_ATTENTION=xla to silence this.', stacklevel=3)
+    warnings.warn(f'instaflow_jax: CPU kernels unavailable ({e}); using the slower XLA '
+                  'formulations. Install a C++ compiler (g++) to get them, or set '
+                  'INSTAFLOW_JAX_CPU_KERNELS=xla to silence this.', stacklevel=3)
     return False
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
@@ -54,10 +67,10 @@ def _registered() -> bool:
 
 
 def built_library() -> Path:
-  """The compiled kernel, built now if this machine has no copy of this version."""
+  """The compiled kernels, built now if this machine has no copy of this version."""
   compiler = os.environ.get('CXX', 'c++')
   command = [compiler, *_COMPILE_FLAGS, '-isystem', jax.ffi.include_dir(), str(SOURCE)]
-  target = _cache_dir() / f'cpu_attention-{_build_key(command)}.so'
+  target = _cache_dir() / f'cpu_kernels-{_build_key(command)}.so'
   if not target.exists():
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: processes starting together each build,
@@ -108,8 +121,8 @@ def _shapes(*arrays) -> Tuple[jax.ShapeDtypeStruct, ...]:
 
 def _require_kernel() -> None:
   if not _registered():
-    raise RuntimeError('instaflow_jax: the CPU attention kernel is unavailable (see the warning '
-                       'above); layers.dot_product_attention falls back to XLA without it')
+    raise RuntimeError('instaflow_jax: the CPU kernels are unavailable (see the warning above); '
+                       'the layers fall back to XLA without them')
 
 
 def _forward(query, key, value):
@@ -129,3 +142,14 @@ def _backward(residuals, grad_out):  # after _forward, which checked the kernel
 
 
 attention.defvjp(_forward, _backward)
+
+
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float,
+               with_silu: bool) -> jax.Array:
+  """torch's GroupNorm (two-pass float32 statistics) of float32 [batch, ..., channels] x over
+  `groups` groups of channels, then SiLU if with_silu. Forward only (layers.GroupNorm
+  recomputes it in XLA for the backward pass)."""
+  _require_kernel()
+  # Under vmap, one call per mapped element: the kernel reads axis 0 as the batch.
+  return jax.ffi.ffi_call('instaflow_group_norm', _shapes(x)[0], vmap_method='sequential')(
+      x, scale, bias, groups=np.int64(groups), epsilon=np.float32(epsilon), with_silu=with_silu)

@@ -1,8 +1,9 @@
-"""The C++ attention kernel for XLA:CPU (models/cpu_attention.cc) against PyTorch's
-scaled_dot_product_attention in float64: outputs and gradients, on shapes that reach every
-branch (key counts that are not whole registers, fewer keys than a register, query counts
-that are not whole row blocks, head dims 4 to 40, large logits); that the layers run it,
-except on a mesh of CPU devices or where it cannot be built; vmap; the build cache."""
+"""The C++ kernels for XLA:CPU (models/cpu_kernels.cc) against PyTorch in float64: attention
+(scaled_dot_product_attention; outputs and gradients, on shapes that reach every branch: key
+counts that are not whole registers, fewer keys than a register, query counts that are not
+whole row blocks, head dims 4 to 40, large logits) and GroupNorm with its SiLU; that the
+layers run them, except on a mesh of CPU devices or where they cannot be built; vmap; the
+build cache."""
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from instaflow_jax.models import cpu_attention
+from instaflow_jax.models import cpu_kernels
 from instaflow_jax.models import layers
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,12 +38,12 @@ def _torch_attention_and_grads(q, k, v, grad_out, dtype):
     (2, 16, 40, 2, 8, 30.0),   # logits in the hundreds: the max shift and exp's floor
 ])
 def test_kernel_matches_torch_with_gradients(batch, q_len, kv_len, heads, dim, logit_scale):
-  assert cpu_attention.applies(dim)
+  assert cpu_kernels.attention_applies(dim)
   rng = np.random.RandomState(0)
   q = rng.randn(batch, q_len, heads, dim).astype(np.float32) * logit_scale
   k, v = (rng.randn(batch, kv_len, heads, dim).astype(np.float32) for _ in range(2))
   grad_out = rng.randn(batch, q_len, heads, dim).astype(np.float32)
-  out, vjp = jax.vjp(jax.jit(cpu_attention.attention), q, k, v)
+  out, vjp = jax.vjp(jax.jit(cpu_kernels.attention), q, k, v)
   got = [out, *vjp(jnp.asarray(grad_out))]
   exact = _torch_attention_and_grads(q, k, v, grad_out, torch.float64)
   torch32 = _torch_attention_and_grads(q, k, v, grad_out, torch.float32)
@@ -61,15 +62,79 @@ def test_a_nan_in_the_inputs_comes_out_as_nan():
   q = np.ones((1, 4, 1, 8), np.float32)
   q[0, 1, 0, 3] = np.nan
   kv = jnp.asarray(np.random.RandomState(2).randn(1, 20, 1, 8), jnp.float32)
-  out = np.asarray(jax.jit(cpu_attention.attention)(q, kv, kv))
+  out = np.asarray(jax.jit(cpu_kernels.attention)(q, kv, kv))
   assert np.isnan(out[0, 1]).all() and np.isfinite(np.delete(out, 1, axis=1)).all()
   k_nan = np.asarray(kv).copy()
   k_nan[0, 17, 0, 0] = np.nan  # in the last, partly padded register of keys
-  assert np.isnan(np.asarray(jax.jit(cpu_attention.attention)(q, k_nan, kv))).all()
+  assert np.isnan(np.asarray(jax.jit(cpu_kernels.attention)(q, k_nan, kv))).all()
 
 
 def _lowered_text(fn, *args) -> str:
   return jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize('shape,groups,with_silu,offset', [
+    ((1, 128, 128, 32), 8, True, 0.0),   # the VAE decoder's last level, one image
+    ((2, 7, 5, 48), 3, False, 0.0),      # pixels not a whole block, 16 channels a group
+    ((3, 4, 4, 128), 32, True, 0.0),     # the U-Net's deepest level
+    ((2, 300, 16), 4, True, 100.0),      # a 1-D layout over 300 positions; a mean of 100
+])
+def test_group_norm_kernel_matches_torch(shape, groups, with_silu, offset):
+  """Within 2x of torch's own float32 error (or 1e-6 of the largest value); a mean far from
+  0 checks that the variance is taken of centred values."""
+  rng = np.random.RandomState(4)
+  x = (rng.randn(*shape) * 3 + offset).astype(np.float32)
+  scale, bias = (rng.randn(shape[-1]).astype(np.float32) for _ in range(2))
+
+  def torch_group_norm(dtype):
+    t = torch.from_numpy(np.moveaxis(x, -1, 1)).to(dtype)
+    y = torch.nn.functional.group_norm(t, groups, torch.from_numpy(scale).to(dtype),
+                                       torch.from_numpy(bias).to(dtype), 1e-6)
+    y = torch.nn.functional.silu(y) if with_silu else y
+    return np.moveaxis(y.double().numpy(), 1, -1)
+
+  expected = torch_group_norm(torch.float64)
+  torch_error = np.abs(torch_group_norm(torch.float32) - expected).max()
+  got = jax.jit(cpu_kernels.group_norm, static_argnums=(3, 4, 5))(x, scale, bias, groups, 1e-6,
+                                                                  with_silu)
+  error = np.abs(np.asarray(got, np.float64) - expected).max()
+  assert error <= max(2 * torch_error, 1e-6 * np.abs(expected).max()), (error, torch_error)
+
+
+def test_group_norm_kernel_passes_nan_through_its_image_only():
+  x = np.random.RandomState(5).randn(2, 3, 3, 16).astype(np.float32)
+  x[1, 2, 0, 5] = np.nan
+  y = np.asarray(cpu_kernels.group_norm(x, np.ones(16, np.float32), np.zeros(16, np.float32),
+                                        4, 1e-6, True))
+  assert np.isfinite(y[0]).all() and np.isnan(y[1, :, :, 4:8]).all()
+
+
+def test_group_norm_layer_runs_the_kernel_forward_and_xla_backward(monkeypatch):
+  """The forward pass is the kernel's, the gradients those of the XLA formulation, as
+  before; channels not a multiple of 16 and other activations keep XLA's forward pass."""
+  x = jnp.asarray(np.random.RandomState(6).randn(2, 5, 5, 32), jnp.float32)
+  for channels, activation, uses_kernel in ((32, 'silu', True), (32, None, True),
+                                            (24, 'silu', False), (32, 'gelu', False)):
+    module = layers.group_norm(4, 1e-5, 'norm', activation=activation)
+    params = module.init(jax.random.key(0), x[..., :channels])['params']
+    params = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size), params)
+    apply = lambda x, p: module.apply({'params': p}, x)
+    assert ('instaflow_group_norm' in _lowered_text(apply, x[..., :channels], params)) == uses_kernel
+  loss = lambda x, p: jnp.sum(jnp.sin(module.apply({'params': p}, x)))
+  module = layers.group_norm(4, 1e-5, 'norm', activation='silu')
+  params = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size), module.init(
+      jax.random.key(0), x)['params'])
+  got = jax.value_and_grad(loss, argnums=(0, 1))(x, params)
+  monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', 'xla')
+  cpu_kernels._registered.cache_clear()
+  try:
+    assert 'instaflow_group_norm' not in _lowered_text(loss, x, params)
+    expected = jax.value_and_grad(loss, argnums=(0, 1))(x, params)
+  finally:
+    monkeypatch.undo()
+    cpu_kernels._registered.cache_clear()
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
 def test_layers_run_the_kernel_where_it_applies():
@@ -86,7 +151,7 @@ def test_layers_run_the_kernel_where_it_applies():
 def test_vmap_over_an_extra_batch_axis_equals_one_call_per_slice():
   rng = np.random.RandomState(1)
   q, k, v = (jnp.asarray(rng.randn(3, 2, 9, 2, 8), jnp.float32) for _ in range(3))
-  loss = lambda q, k, v: jnp.sum(jnp.sin(cpu_attention.attention(q, k, v)))
+  loss = lambda q, k, v: jnp.sum(jnp.sin(cpu_kernels.attention(q, k, v)))
   batched = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
   for i in range(3):
     single = jax.value_and_grad(loss, argnums=(0, 1, 2))(q[i], k[i], v[i])
@@ -132,14 +197,14 @@ def test_without_a_compiler_it_warns_once_and_uses_the_xla_formulation(tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   count, message = done.stdout.strip().split(' ', 1)
   assert count == '1', done.stdout
-  assert 'CPU attention kernel unavailable' in message and 'no-such-compiler' in message
+  assert 'CPU kernels unavailable' in message and 'no-such-compiler' in message
   assert 'Install a C++ compiler' in message
   assert not list((tmp_path / 'k').glob('*.so*'))  # nothing half-built left behind
 
 
 def test_the_build_is_cached_per_source_and_reused(tmp_path, monkeypatch):
   monkeypatch.setenv('INSTAFLOW_JAX_KERNEL_CACHE', str(tmp_path))
-  first = cpu_attention.built_library()
+  first = cpu_kernels.built_library()
   stamp = first.stat().st_mtime_ns
-  assert cpu_attention.built_library() == first and first.stat().st_mtime_ns == stamp
+  assert cpu_kernels.built_library() == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in tmp_path.iterdir()] == [first.name]
