@@ -113,17 +113,19 @@ def test_group_norm_layer_runs_the_kernel_forward_and_xla_backward(monkeypatch):
   """The forward pass is the kernel's, the gradients those of the XLA formulation, as
   before; channels not a multiple of 16 and other activations keep XLA's forward pass."""
   x = jnp.asarray(np.random.RandomState(6).randn(2, 5, 5, 32), jnp.float32)
+
+  def norm_and_params(activation, x):  # scale and bias away from their initial 1 and 0
+    module = layers.group_norm(4, 1e-5, 'norm', activation=activation)
+    params = module.init(jax.random.key(0), x)['params']
+    return module, jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size), params)
+
   for channels, activation, uses_kernel in ((32, 'silu', True), (32, None, True),
                                             (24, 'silu', False), (32, 'gelu', False)):
-    module = layers.group_norm(4, 1e-5, 'norm', activation=activation)
-    params = module.init(jax.random.key(0), x[..., :channels])['params']
-    params = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size), params)
+    module, params = norm_and_params(activation, x[..., :channels])
     apply = lambda x, p: module.apply({'params': p}, x)
     assert ('instaflow_group_norm' in _lowered_text(apply, x[..., :channels], params)) == uses_kernel
+  module, params = norm_and_params('silu', x)
   loss = lambda x, p: jnp.sum(jnp.sin(module.apply({'params': p}, x)))
-  module = layers.group_norm(4, 1e-5, 'norm', activation='silu')
-  params = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size), module.init(
-      jax.random.key(0), x)['params'])
   got = jax.value_and_grad(loss, argnums=(0, 1))(x, params)
   monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', 'xla')
   cpu_kernels._registered.cache_clear()
