@@ -11,6 +11,7 @@ processes itself (TPU pods, SLURM, Open MPI) or the three flags below (see launc
 """
 import logging as std_logging
 import os
+import shlex
 import sys
 
 from absl import app
@@ -63,33 +64,53 @@ def quiet_other_processes() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def loaded_config():
+  """The config of --config; a file that does not load (missing, a syntax error, a
+  get_config that raises) ends the run in one line."""
+  config = _CONFIG.value
+  try:
+    config.stages  # config_flags defers a loading error to the first access
+  except OSError as e:
+    filename = config_flags.get_config_filename(flags.FLAGS['config'])
+    sys.exit(f'error: --config={filename} does not load: {_last_line(e)}')
+  return config
+
+
+def resume_command(error) -> str:
+  """The command line of this run with a tenth of the learning rate that diverged."""
+  flag = f'--config.{error.stage}.optimizer.lr='
+  args = [a for a in sys.argv[1:] if not a.startswith(flag)] + [f'{flag}{error.lr / 10:g}']
+  return shlex.join([sys.executable, '-m', 'instaflow_jax.main', *args])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = loaded_config()
   logging.get_absl_handler().addFilter(_quiet_chatty_libraries)
   enable_compilation_cache()
   from instaflow_jax import parallel  # after flag parsing: imports jax, tensorflow
   from instaflow_jax import stages
+  from instaflow_jax.training import loop
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   try:
     parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                     _NUM_PROCESSES.value, _PROCESS_ID.value)
     quiet_other_processes()
-    with parallel.use(parallel.layout_from_config(_CONFIG.value)):
-      stages.run_all(_CONFIG.value, _WORKDIR.value)
+    with parallel.use(parallel.layout_from_config(config)):
+      stages.run_all(config, _WORKDIR.value)
   except stages.USER_ERRORS as e:
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+    message = ' '.join(str(e).split())
+    if isinstance(e, loop.NonFiniteLossError):
+      message += f': {resume_command(e)}'
+    logging.error('%s', message)
+    sys.exit(f'error: {message}')
 
 
-def _one_line(error: Exception) -> str:
-  """The message of an error in one line (the last line of an embedded traceback)."""
-  text = str(error).replace('\\n', '\n').replace("\\'", "'")
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if any(line.startswith('Traceback') for line in lines):
-    lines = lines[-1:]
-  return ' '.join(' '.join(lines).split()).strip("'")
+def _last_line(error: Exception) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
 
 
 def parse_flags(argv):

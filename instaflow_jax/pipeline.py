@@ -266,7 +266,7 @@ def find_trained_params(path: str, stage: str = '', params: str = 'ema') -> Trai
       raise checkpoint.CheckpointError(
           f'{stage_dir}: no final params ({loop.FINAL_PARAMS}/): the stage has not finished; '
           'give one of its checkpoints/STEP directories')
-  elif os.path.isdir(os.path.join(path, _STATE_ITEM)):  # <stage>/checkpoints/STEP
+  elif os.path.isdir(os.path.join(path, checkpoint.STATE_ITEM)):  # <stage>/checkpoints/STEP
     return TrainedParams(os.path.join(os.path.dirname(os.path.dirname(path)), STAGE_CONFIG),
                          path, 'ema_params' if params == 'ema' else 'params')
   elif os.path.basename(path) == loop.FINAL_PARAMS:
@@ -289,18 +289,16 @@ def _latest_finished_stage(workdir: str, loop) -> str:
                                    f'(looked for {", ".join(TRAINED_STAGES)})')
 
 
-_STATE_ITEM = 'state'  # the train state's item in a Checkpointer step directory
-
-
 def _train_state_params(step_dir: str, key: str, abstract_params):
   """The params `key` of a train state that Checkpointer saved, read alone (the
   optimizer state stays on disk), with the model's parameter names and shapes."""
   handler = ocp.PyTreeCheckpointHandler()
-  state_dir = epath.Path(step_dir) / _STATE_ITEM
-  stored = handler.metadata(state_dir).tree.get(key)
-  if jax.tree.structure(stored) != jax.tree.structure(abstract_params):
-    raise checkpoint.CheckpointError(f'{step_dir}: its {key} do not have the parameter names '
-                                     'of the model config')
+  state_dir = epath.Path(step_dir) / checkpoint.STATE_ITEM
+  mismatch = checkpoint.first_mismatch(handler.metadata(state_dir).tree.get(key),
+                                       abstract_params)
+  if mismatch:
+    raise checkpoint.CheckpointError(f'{step_dir}: its {key} do not fit the model config: '
+                                     f'{mismatch}')
   target = {key: abstract_params}
   try:
     restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(

@@ -3,7 +3,7 @@ import os
 
 import ml_collections
 
-from instaflow_jax import stages
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 
@@ -17,7 +17,8 @@ def diffusers_model_config(folder: str) -> ml_collections.ConfigDict:
 def write_stage(workdir: str, stage: str, config: ml_collections.ConfigDict, params=None,
                 done: bool = True) -> str:
   """WORKDIR/<stage> with its config.json, final params (when given) and DONE marker."""
-  stage_dir = stages.prepare_stage_dir(workdir, stage, config)
+  stage_dir = os.path.join(workdir, stage)
+  workdir_lib.write_stage_config(stage_dir, config)
   if params is not None:
     checkpoint.save_params(os.path.join(stage_dir, loop.FINAL_PARAMS), params)
   if done:

@@ -15,7 +15,7 @@ from instaflow_jax.training import loop
 
 def toy_config(steps=12, **overrides):
   config = shapes.training_config(quick=True, steps=steps)
-  config.update(dict(checkpoint_every=4, log_every=1, sample_every=1000, **overrides))
+  config.update(dict(dict(checkpoint_every=4, log_every=1, sample_every=1000), **overrides))
   config.optimizer.lr = 0.1
   return config
 
@@ -30,7 +30,7 @@ def toy_loss(params, frozen, batch, rng, step):
   return jnp.mean((prediction + noise - batch['y']) ** 2), {'w_norm': jnp.linalg.norm(params['w'])}
 
 
-def toy_batches(start_step, fail_at=None, on_step=None, kill_at=None):
+def toy_batches(start_step, fail_at=None, on_step=None, kill_at=None, scale_at=None):
   step = start_step
   while True:
     step += 1
@@ -43,6 +43,7 @@ def toy_batches(start_step, fail_at=None, on_step=None, kill_at=None):
     y = x @ np.arange(4, dtype=np.float32)
     if fail_at is not None and step >= fail_at:
       y = y * np.float32(np.nan)
+    y = y * np.float32((scale_at or {}).get(step, 1.0))
     yield {'x': x, 'y': y}
 
 
@@ -78,11 +79,37 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   with pytest.raises(loop.NonFiniteLossError,
-                     match=r'toy: loss nan .* at step 6 is not finite; stopped \(last good '
-                           r'checkpoint: step 4\)'):
+                     match=r'toy: loss nan .* at step 6 is not finite; stopped. step 4 is the '
+                           r'last checkpoint from before the divergence; the same command with '
+                           r'a lower toy.optimizer.lr \(now 0.1\) resumes from step 4'):
     run(tmp_path, toy_config(), fail_at=6)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
   assert not loop.is_complete(str(tmp_path))
+
+
+def test_a_spike_before_the_nan_keeps_the_checkpoint_from_before_it(tmp_path):
+  # Step 6's loss is 10^6 times the others: checkpoint 8 is not written, step 10 is NaN,
+  # and checkpoint 4 (whose successor, step 5, was healthy) is the one to resume from.
+  with pytest.raises(loop.NonFiniteLossError, match='resumes from step 4'):
+    run(tmp_path, toy_config(), fail_at=10, scale_at={6: 1e3})
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
+  reference = run(tmp_path / 'ref', toy_config())
+  resumed = run(tmp_path, toy_config())
+  np.testing.assert_array_equal(resumed['w'], reference['w'])
+
+
+def test_divergence_sets_aside_later_checkpoints_and_a_lower_lr_restarts(tmp_path):
+  config = toy_config(checkpoint_every=1)
+  config.optimizer.update(lr=1e30, warmup_steps=0)  # params of step 1 are ~1e30
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r'no checkpoint is from before the divergence \(moved \[1\] to .*'
+                           r'rejected_checkpoints\); the same command with a lower '
+                           r'toy.optimizer.lr \(now 1e\+30\) restarts the stage'):
+    run(tmp_path, config)
+  assert os.listdir(tmp_path / 'checkpoints') == []
+  assert os.listdir(tmp_path / checkpoint.REJECTED_DIR) == ['1-diverged']
+  params = run(tmp_path, toy_config(checkpoint_every=1))
+  np.testing.assert_array_equal(params['w'], run(tmp_path / 'ref', toy_config())['w'])
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
@@ -110,3 +137,42 @@ def test_gradient_accumulation_matches_the_full_batch():
     np.testing.assert_allclose(metrics['loss'], results[0][1]['loss'], rtol=1e-6)
     np.testing.assert_allclose(metrics['grad_norm'], results[0][1]['grad_norm'], rtol=1e-6)
     np.testing.assert_allclose(state.params['w'], results[0][0].params['w'], rtol=1e-6)
+
+
+def _damage(step_dir):
+  """Cuts the largest file of a checkpoint to half, as a full disk or a dead copy does."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+  with pytest.raises(Killed):
+    run(tmp_path, toy_config(), kill_at=10)  # checkpoints 4 and 8
+  _damage(tmp_path / 'checkpoints' / '8')
+  resumed = run(tmp_path, toy_config())
+  np.testing.assert_array_equal(resumed['w'], run(tmp_path / 'ref', toy_config())['w'])
+  assert os.listdir(tmp_path / checkpoint.REJECTED_DIR) == ['8-damaged']
+
+
+def test_every_checkpoint_damaged_stops_in_one_line_and_moves_nothing(tmp_path):
+  with pytest.raises(Killed):
+    run(tmp_path, toy_config(), kill_at=10)
+  for step in ('4', '8'):
+    _damage(tmp_path / 'checkpoints' / step)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'checkpoints/8 is damaged \(.*\) and no older checkpoint restores; '
+                           r'delete .*checkpoints to restart the stage'):
+    run(tmp_path, toy_config())
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '8']
+
+
+def test_resuming_with_another_model_names_the_parameter(tmp_path):
+  with pytest.raises(Killed):
+    run(tmp_path, toy_config(), kill_at=6)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'checkpoints/4 does not fit the model config: parameter w has shape '
+                           r'\(4,\) in the checkpoint but \(5,\) in the model config'):
+    loop.train(toy_config(), str(tmp_path), stage='toy', init_params={'w': jnp.zeros(5)},
+               frozen={'bias': jnp.float32(0.5)}, loss_fn=toy_loss, batches=toy_batches)

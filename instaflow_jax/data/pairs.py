@@ -51,6 +51,7 @@ def write_meta(pairs_dir: str, meta: Mapping[str, Any]) -> None:
       raise ValueError(f'{pairs_dir} holds pairs made with other settings ({", ".join(changed)} '
                        'differ); delete the directory or use another workdir')
     return
+  os.makedirs(pairs_dir, exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(dict(meta), f, indent=2, sort_keys=True)

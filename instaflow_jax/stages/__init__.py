@@ -5,6 +5,8 @@ import os
 import ml_collections
 from absl import logging
 
+from instaflow_jax import config_checks
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.stages import distill
 from instaflow_jax.stages import evaluate
@@ -27,29 +29,20 @@ USER_ERRORS = (ValueError, OSError, ConversionError, checkpoint.CheckpointError,
                loop.NonFiniteLossError)
 
 
-def prepare_stage_dir(workdir: str, stage: str, config: ml_collections.ConfigDict) -> str:
-  """Creates WORKDIR/<stage> and writes the resolved config there."""
-  stage_dir = os.path.join(workdir, stage)
-  try:
-    os.makedirs(stage_dir, exist_ok=True)
-    with open(os.path.join(stage_dir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  except OSError as e:
-    raise OSError(f'workdir {workdir!r} is not writable ({e.strerror}); choose another '
-                  '--workdir') from None
-  return stage_dir
-
-
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Runs the stages of `config.stages` in WORKDIR/<stage>/, skipping complete ones. The
+  config is checked first; each stage writes its config.json once its own checks pass."""
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise ValueError(f'config.stages names unknown stage {unknown[0]!r}; known: {sorted(STAGES)}')
+  config_checks.check_config(config)
+  workdir_lib.ensure_workdir(workdir)
   for stage in config.stages:
     stage_dir = os.path.join(workdir, stage)
     if loop.is_complete(stage_dir):
       logging.info('stage %s: already complete in %s, skipped', stage, stage_dir)
       continue
     logging.info('stage %s: running in %s', stage, stage_dir)
-    summary = STAGES[stage](config, prepare_stage_dir(workdir, stage, config))
+    summary = STAGES[stage](config, stage_dir)
     loop.mark_complete(stage_dir, summary or {})
     logging.info('stage %s: done %s', stage, json.dumps(summary or {}))

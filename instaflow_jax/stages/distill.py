@@ -124,5 +124,5 @@ def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[st
       sample_fn=train_flow.make_sample_fn(
           pipe, train_flow.sample_prompts(config, distill_config.num_samples), distill_config,
           config.seed),
-      seed=config.seed, param_axes=parallel.logical_axes(pipe.unet))
+      seed=config.seed, param_axes=parallel.logical_axes(pipe.unet), run_config=config)
   return {'steps': distill_config.steps, 'student_steps': distill_config.student_steps}

@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.convert import inception_weights
 from instaflow_jax.data import input as input_lib
@@ -211,6 +212,7 @@ def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, 
   check_models(eval_config, workdir)
   real, captions, examples = real_examples(config, config.data.eval_split,
                                            eval_config.num_prompts)
+  workdir_lib.write_stage_config(stage_dir, config)
   judge = make_judge(config, stage_dir, captions, examples)
   real_stats = feature_statistics(judge.measure(real)[0])
   reference, _, _ = real_examples(config, eval_config.reference_split, eval_config.num_prompts)

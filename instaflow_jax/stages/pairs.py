@@ -20,6 +20,7 @@ from absl import logging
 
 from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.flow import rectified_flow
@@ -82,7 +83,9 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
       'solver': solver.kind, 'num_steps': solver.num_steps, 'rtol': solver.rtol,
       'atol': solver.atol, 'guidance': pairs_config.guidance,
       'prompts': f'{config.data.name}:{pairs_config.split}'}
+  # meta.json first: it refuses pairs on disk made with other settings.
   parallel.process_0_first('pairs meta', lambda: pairs_lib.write_meta(stage_dir, meta))
+  workdir_lib.write_stage_config(stage_dir, config)
   solve = teacher_solver(pipe.modules, solver, layout)
   source = input_lib.open_source(train_flow.input_config(config.data, pairs_config.split))
   guided = rectified_flow.uses_guidance(pairs_config.guidance)

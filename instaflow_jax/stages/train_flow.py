@@ -8,6 +8,7 @@ A batch may carry 'latents' and 'text_embeds' already computed (cached), in whic
 the frozen networks are skipped.
 """
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -56,24 +57,46 @@ def drop_captions(embeds: jax.Array, null_embeds: jax.Array, probability: float,
   return jnp.where(drop[:, None, None], null_embeds.astype(embeds.dtype), embeds)
 
 
+TEXT_USE_METRICS = ('text_loss_matched', 'text_loss_shuffled', 'text_use')
+
+
+def text_use(loss_of_embeds, embeds: jax.Array) -> dict:
+  """How much the model uses the text: the loss of the batch with its own captions
+  against the same batch (same noise and times) with the captions shifted by one
+  example. text_use = 1 - matched / shuffled: 0 when the text is ignored."""
+  matched = loss_of_embeds(embeds).astype(jnp.float32)
+  shuffled = loss_of_embeds(jnp.roll(embeds, 1, axis=0)).astype(jnp.float32)
+  return dict(zip(TEXT_USE_METRICS, (matched, shuffled, 1.0 - matched / shuffled)))
+
+
 def flow_matching_loss(modules: pipeline_lib.PipelineModules, config: ml_collections.ConfigDict):
-  """loss_fn(params, frozen, batch, rng, step) for rectified-flow (and reflow) training."""
+  """loss_fn(params, frozen, batch, rng, step) for rectified-flow (and reflow) training.
+
+  At the steps the loop logs (every log_every, and the last), its metrics include
+  text_use (two more forward passes, without gradient); zeros at the other steps."""
   time_config = config.time
 
   def loss_fn(params, frozen, batch, rng, step):
-    del step  # the same loss at every step
     latent_rng, drop_rng, noise_rng, time_rng = jax.random.split(rng, 4)
-    x1, embeds = model_inputs(modules, frozen, batch, latent_rng)
-    embeds = drop_captions(embeds, frozen['null_embeds'], config.caption_dropout, drop_rng)
+    x1, text_embeds = model_inputs(modules, frozen, batch, latent_rng)
+    embeds = drop_captions(text_embeds, frozen['null_embeds'], config.caption_dropout, drop_rng)
     x0 = batch['x0'] if 'x0' in batch else jax.random.normal(noise_rng, x1.shape, x1.dtype)
     s = rectified_flow.sample_time(
         time_rng, x1.shape[0], time_config.kind, logit_mean=time_config.logit_mean,
         logit_std=time_config.logit_std, u_shape_a=time_config.u_shape_a)
     x_s = rectified_flow.interpolate(x0, x1, s)
-    v = modules.unet.apply({'params': params}, x_s, rectified_flow.network_time(s), embeds)
-    losses = rectified_flow.per_example_loss(v, rectified_flow.velocity_target(x0, x1),
-                                             config.loss)
-    return jnp.mean(losses), {}
+    target = rectified_flow.velocity_target(x0, x1)
+
+    def loss_of(unet_params, embeds):
+      v = modules.unet.apply({'params': unet_params}, x_s, rectified_flow.network_time(s), embeds)
+      return jnp.mean(rectified_flow.per_example_loss(v, target, config.loss))
+
+    measure = lambda: text_use(functools.partial(loss_of, jax.lax.stop_gradient(params)),
+                               jax.lax.stop_gradient(text_embeds))
+    logged = ((step + 1) % config.log_every == 0) | (step + 1 == config.steps)
+    not_measured = lambda: dict.fromkeys(TEXT_USE_METRICS, jnp.zeros((), jnp.float32))
+    metrics = jax.lax.cond(logged, measure, not_measured)
+    return loss_of(params, embeds), metrics
 
   return loss_fn
 
@@ -158,7 +181,7 @@ def train_flow_stage(config: ml_collections.ConfigDict, stage_dir: str,
       batches=data.batches,
       sample_fn=make_sample_fn(pipe, sample_prompts(config, train_config.num_samples),
                                train_config, config.seed),
-      seed=config.seed, param_axes=parallel.logical_axes(pipe.unet))
+      seed=config.seed, param_axes=parallel.logical_axes(pipe.unet), run_config=config)
   return {'steps': train_config.steps, 'examples_per_epoch': len(data)}
 
 

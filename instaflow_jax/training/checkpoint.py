@@ -13,6 +13,8 @@ from typing import Any, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from instaflow_jax import parallel
 
@@ -29,27 +31,113 @@ class CheckpointError(RuntimeError):
   """A checkpoint that is missing or does not fit the model."""
 
 
+def _name(path) -> str:
+  """'down_blocks_0/resnets_1/conv1/kernel' for a pytree key path."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def _shapes(tree) -> dict:
+  return {_name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def first_mismatch(stored, expected) -> Optional[str]:
+  """Where the parameters `stored` (a checkpoint's metadata tree) and `expected` (the
+  model's abstract params) first differ, in words; None when every name and shape agree."""
+  stored, expected = _shapes(stored), _shapes(expected)
+  for name, shape in expected.items():
+    if name not in stored:
+      return f'parameter {name} {shape} of the model config is not in the checkpoint'
+    if stored[name] != shape:
+      return (f'parameter {name} has shape {stored[name]} in the checkpoint but {shape} in '
+              'the model config')
+  for name, shape in stored.items():
+    if name not in expected:
+      return f'the checkpoint has parameter {name} {shape}, which the model config lacks'
+  return None
+
+
+STATE_ITEM = 'state'  # the train state's item in a checkpoint step directory
+REJECTED_DIR = 'rejected_checkpoints'  # beside checkpoints/: ones a resume must not take
+
+
 class Checkpointer:
   """Saves the train state every `save_every` steps, keeps the last `max_to_keep`."""
 
   def __init__(self, directory: str, save_every: int, max_to_keep: int = 2):
     self.save_every = save_every
+    self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=('state', 'meta'))
+        item_names=(STATE_ITEM, 'meta'))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list:
+    return sorted(self._manager.all_steps())
+
+  def check_fits(self, step: int, abstract_params) -> None:
+    """CheckpointError naming the first parameter of checkpoint `step` whose name or shape
+    the model's params do not have; read from its metadata alone."""
+    state_dir = epath.Path(self.directory) / str(step) / STATE_ITEM
+    stored = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree['params']
+    mismatch = first_mismatch(stored, abstract_params)
+    if mismatch:
+      raise CheckpointError(
+          f'{self.directory}/{step} does not fit the model config: {mismatch}; resume with '
+          'the model config the stage started with, or give another --workdir')
+
   def restore_latest(self, abstract_state) -> Optional[Tuple[Any, dict]]:
-    """(state, meta) of the latest checkpoint, or None when there is none."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    """(state, meta) of the newest checkpoint that restores, or None when there is none.
+
+    A checkpoint that does not fit the model stops the run (CheckpointError). One that
+    fails to read (a file cut short by a full disk or a dead copy) is set aside, with a
+    warning, for the one before it, but only once an older one has restored: when none
+    does, CheckpointError names the newest one's error and nothing is moved."""
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        self.check_fits(step, abstract_state.params)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (TensorStore raises Exception)
+        logging.warning('checkpoint %s/%d does not restore: %s', self.directory, step,
+                        str(e).splitlines()[0])
+        damaged.append((step, e))
+        continue
+      if damaged:
+        logging.warning('resuming from the older checkpoint %d; the damaged one(s) %s are '
+                        'moved to %s', step, [s for s, _ in damaged], self.rejected_dir)
+        self.reject([s for s, _ in damaged], 'damaged')
+      return restored.state, restored.meta
+    if damaged:
+      step, error = damaged[0]
+      raise CheckpointError(
+          f'{self.directory}/{step} is damaged ({str(error).splitlines()[0][:300]}) and no '
+          f'older checkpoint restores; delete {self.directory} to restart the stage')
+    return None
+
+  @property
+  def rejected_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), REJECTED_DIR)
+
+  def reject(self, steps, reason: str) -> None:
+    """Moves checkpoints that a resume must not take (damaged, diverged) out of the way,
+    to REJECTED_DIR/STEP-reason beside the checkpoints: kept, never restored."""
+    parallel.sync(f'reject {self.directory}')
+    if jax.process_index() == 0:
+      os.makedirs(self.rejected_dir, exist_ok=True)
+      for step in steps:
+        target = os.path.join(self.rejected_dir, f'{step}-{reason}')
+        while os.path.exists(target):  # rejected before, by an earlier run
+          target += '+'
+        os.replace(os.path.join(self.directory, str(step)), target)
+    parallel.sync(f'rejected {self.directory}')
+    self._manager.reload()
 
   def should_save(self, step: int) -> bool:
     return step % self.save_every == 0
@@ -58,8 +146,12 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-  def close(self) -> None:
+  def wait(self) -> None:
+    """Returns once a save in flight is on disk."""
     self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
     self._manager.close()
 
 
@@ -82,6 +174,10 @@ def load_params(path: str, abstract_params, what: str = 'params'):
       lambda a: a if getattr(a, 'sharding', None) else jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                              sharding=here),
       abstract_params)
+  mismatch = first_mismatch(ocp.StandardCheckpointer().metadata(path).item_metadata,
+                            abstract_params)
+  if mismatch:
+    raise CheckpointError(f'{what}: checkpoint {path} does not fit the model config: {mismatch}')
   parallel.sync(f'load {path}')  # Orbax's own barriers are collectives
   try:
     return ocp.StandardCheckpointer().restore(path, abstract_params)

@@ -27,6 +27,7 @@ from clu import periodic_actions
 
 from instaflow_jax import images as image_io
 from instaflow_jax import parallel
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import state as state_lib
 from instaflow_jax.training.state import TrainState
@@ -38,7 +39,11 @@ FINAL_PARAMS = 'params'
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradient became NaN/inf."""
+  """The loss or the gradient became NaN/inf: `stage` and the learning rate `lr` it had."""
+
+  def __init__(self, message: str, stage: str, lr: float):
+    super().__init__(message)
+    self.stage, self.lr = stage, lr
 
 
 class Preempted(SystemExit):
@@ -171,13 +176,69 @@ class _SigtermFlag:
     self.raised = True
 
 
-def _check_finite(metrics, step: int, stage: str, last_good: Optional[int]):
-  loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
-  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-    kept = f'step {last_good}' if last_good is not None else 'none yet'
-    raise NonFiniteLossError(
-        f'{stage}: loss {loss} / grad norm {grad_norm} at step {step} is not finite; stopped '
-        f'(last good checkpoint: {kept}). Lower the learning rate or check the data.')
+# A step whose loss or gradient norm is this many times its running mean (over the
+# healthy steps before it) is taken as diverging: the periodic checkpoint that would
+# follow it is not written, so that a NaN stop leaves one from before the divergence.
+SPIKE_FACTORS = {'loss': 10.0, 'grad_norm': 100.0}
+_MEAN_DECAY = 0.9
+
+
+class DivergenceGuard:
+  """Watches every step's loss and gradient norm.
+
+  Checkpoint k holds the params that step k + 1 evaluates: it is good when step k + 1 was
+  healthy (finite, within SPIKE_FACTORS of the running means). A periodic checkpoint is
+  written only when every step since the last one was healthy, so every checkpoint but
+  the latest is good, and the latest is judged by the step after it.
+  """
+
+  def __init__(self, means: Optional[dict], last_saved: Optional[int]):
+    self.means = dict(means) if means else None
+    self.last_saved = last_saved          # the latest checkpoint (None: none yet)
+    self._successor_healthy = None        # of step last_saved + 1, once seen
+    self.healthy_since_save = True
+
+  def observe(self, step: int, values: Mapping[str, float]) -> bool:
+    """Records step `step`'s loss and grad_norm; returns whether they are finite."""
+    finite = all(np.isfinite(values[k]) for k in SPIKE_FACTORS)
+    healthy = finite and (self.means is None or all(
+        values[k] <= factor * self.means[k] for k, factor in SPIKE_FACTORS.items()))
+    if healthy:
+      self.means = {k: values[k] if self.means is None else
+                    _MEAN_DECAY * self.means[k] + (1 - _MEAN_DECAY) * values[k]
+                    for k in SPIKE_FACTORS}
+    self.healthy_since_save &= healthy
+    if self.last_saved is not None and step == self.last_saved + 1:
+      self._successor_healthy = healthy
+    return finite
+
+  def saved(self, step: int) -> None:
+    self.last_saved, self._successor_healthy, self.healthy_since_save = step, None, True
+
+  def last_good(self, checkpoints) -> Optional[int]:
+    """The newest of `checkpoints` (steps on disk) from before the divergence."""
+    good = [s for s in checkpoints if s != self.last_saved or self._successor_healthy]
+    return max(good, default=None)
+
+
+def _stop_diverged(guard: DivergenceGuard, checkpointer: checkpoint.Checkpointer, stage: str,
+                   step: int, values: Mapping[str, float], lr: float):
+  """Sets aside the checkpoints written after the divergence began, so that rerunning
+  resumes from the last good one (or restarts the stage), and raises NonFiniteLossError."""
+  checkpointer.wait()
+  steps = checkpointer.all_steps()
+  good = guard.last_good(steps)
+  diverged = [s for s in steps if good is None or s > good]
+  if diverged:
+    checkpointer.reject(diverged, 'diverged')
+  where = (f'step {good} is the last checkpoint from before the divergence' if good is not None
+           else 'no checkpoint is from before the divergence')
+  moved = f' (moved {diverged} to {checkpointer.rejected_dir})' if diverged else ''
+  then = f'resumes from step {good}' if good is not None else 'restarts the stage'
+  raise NonFiniteLossError(
+      f'{stage}: loss {values["loss"]} / grad norm {values["grad_norm"]} at step {step} is '
+      f'not finite; stopped. {where}{moved}; the same command with a lower '
+      f'{stage}.optimizer.lr (now {lr:g}) {then}', stage=stage, lr=lr)
 
 
 def _compile_and_meet(train_step, args, stage: str):
@@ -190,22 +251,22 @@ def _compile_and_meet(train_step, args, stage: str):
 
 def _initial_state(checkpointer: checkpoint.Checkpointer, init_params, tx, shardings,
                    stage: str):
-  """(state, step): the latest checkpoint's, restored straight into `shardings` (whatever
-  mesh wrote it), or a fresh state from `init_params` at step 0."""
+  """(state, meta): the latest checkpoint's, restored straight into `shardings` (whatever
+  mesh wrote it), or a fresh state from `init_params` with the meta of step 0."""
   abstract = checkpoint.with_shardings(state_lib.abstract_state(init_params, tx), shardings)
   restored = checkpointer.restore_latest(abstract)
   if restored is None:
     return TrainState.create_sharded(parallel.put(init_params, shardings.params), tx,
-                                     shardings), 0
+                                     shardings), {'step': 0}
   state, meta = restored
   logging.info('%s: resumed from step %d', stage, int(meta['step']))
-  return state, int(meta['step'])
+  return state, meta
 
 
 def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init_params,
           frozen, loss_fn: LossFn, batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
           sample_fn: Optional[Callable[[Any], np.ndarray]] = None, seed: int = 0,
-          param_axes=None):
+          param_axes=None, run_config: Optional[ml_collections.ConfigDict] = None):
   """Runs (or resumes) training; returns the final EMA params (also saved to disk).
 
   config: the stage's training section (steps, batch_size, optimizer, ema_decay,
@@ -214,6 +275,8 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   sample_fn(params): images [N, H, W, 3] in [0, 1] for the periodic grid.
   param_axes: the logical axes of init_params (parallel.logical_axes(module)), which place
     them on the mesh; without them (and for `frozen`) params are replicated.
+  run_config: the whole config, written to stage_dir/config.json once the checkpoints
+    on disk have been checked against the model (a refused resume changes nothing).
   """
   layout = parallel.current_layout()
   layout.check_batch_size(config.batch_size, f'{stage}.batch_size', config.grad_accum_steps)
@@ -227,7 +290,10 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   # Processes that spent different times getting here (compiling, loading) meet before
   # the collectives of restoring and training.
   parallel.sync(f'{stage}: train')
-  state, start_step = _initial_state(checkpointer, init_params, tx, shardings, stage)
+  state, meta = _initial_state(checkpointer, init_params, tx, shardings, stage)
+  start_step = int(meta['step'])
+  if run_config is not None:
+    workdir_lib.write_stage_config(stage_dir, run_config)
   frozen = parallel.put(frozen, layout.replicated)
   train_step = make_train_step(loss_fn, config.ema_decay, config.grad_accum_steps, layout,
                                shardings)
@@ -237,7 +303,8 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   sigterm = _SigtermFlag()
   previous_handler = signal.signal(signal.SIGTERM, sigterm)
   base_rng = jax.random.key(seed)
-  last_good = checkpointer.latest_step()
+  guard = DivergenceGuard(meta.get('means'), checkpointer.latest_step())
+  unchecked = []  # (step, loss, grad_norm) on the device, fetched together at log steps
   try:
     step = start_step
     for step, batch in zip(range(start_step + 1, config.steps + 1), batches(start_step)):
@@ -246,18 +313,29 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
         train_step = _compile_and_meet(train_step, args, stage)
       state, metrics = train_step(*args)
       report(step)
-      if step % config.log_every == 0 or step == config.steps:
-        metrics = jax.device_get(metrics)
-        _check_finite(metrics, step, stage, last_good)
-        writer.write_scalars(step, metrics)
-      if sample_fn is not None and (step % config.sample_every == 0 or step == config.steps):
-        write_sample_grid(writer, stage_dir, step, sample_fn(state.ema_params))
+      unchecked.append((step, {k: metrics[k] for k in SPIKE_FACTORS}))
       # Every process must stop at the same step: the checkpoint is written by all of them.
       preempted = parallel.any_process(sigterm.raised)
-      if checkpointer.should_save(step) or step == config.steps or preempted:
-        _check_finite(jax.device_get(metrics), step, stage, last_good)
-        checkpointer.save(step, state, {'step': step, 'data_position': step})
-        last_good = step
+      last = step == config.steps
+      logged = step % config.log_every == 0 or last
+      saving = checkpointer.should_save(step) or last or preempted
+      if logged or saving:
+        for seen, values in jax.device_get(unchecked):
+          values = {k: float(v) for k, v in values.items()}
+          if not guard.observe(seen, values):
+            _stop_diverged(guard, checkpointer, stage, seen, values, config.optimizer.lr)
+        unchecked = []
+      if logged:
+        writer.write_scalars(step, jax.device_get(metrics))
+      if sample_fn is not None and (step % config.sample_every == 0 or last):
+        write_sample_grid(writer, stage_dir, step, sample_fn(state.ema_params))
+      if saving and not (guard.healthy_since_save or last or preempted):
+        logging.warning('%s: no checkpoint at step %d: the loss or gradient norm spiked since '
+                        'the last one (step %s)', stage, step, guard.last_saved)
+      elif saving:
+        checkpointer.save(step, state, {'step': step, 'data_position': step,
+                                        'means': guard.means})
+        guard.saved(step)
       if preempted:
         raise Preempted(f'{stage}: SIGTERM at step {step}; checkpoint saved, rerun the same '
                         'command to resume')

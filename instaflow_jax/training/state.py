@@ -35,8 +35,16 @@ class TrainState(struct.PyTreeNode):
   def apply_gradients(self, grads, ema_decay: float) -> 'TrainState':
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, self.ema_params, params)
+    decay = ema_warmup(ema_decay, self.step)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, self.ema_params, params)
     return self.replace(step=self.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
+def ema_warmup(decay: float, step: jax.Array) -> jax.Array:
+  """The EMA decay of update `step` (0 first): min(decay, (1 + step) / (10 + step)), so
+  that the average forgets the initial weights early in a run, whatever its length."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def abstract_state(params, tx: optax.GradientTransformation) -> TrainState:

@@ -1,0 +1,112 @@
+"""Checks of a run's config before any stage: every count, interval and fraction in its
+range, and the image size the data gives the model. A bad value stops the run with one
+line naming the field (main prints it as `error: ...`); nothing is computed or written.
+
+Only the sections of the stages that `config.stages` names are checked.
+"""
+import json
+import math
+import os
+
+import ml_collections
+
+TRAINING_STAGES = ('rf', 'reflow', 'distill')
+
+# Whole numbers >= 1, per section.
+_TRAINING_COUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
+                    'checkpoint_every', 'keep_checkpoints', 'sample_every', 'num_samples',
+                    'sample_steps')
+_COUNTS = {
+    'pairs': ('num_pairs', 'shard_size', 'batch_size', 'num_steps'),
+    'distill': ('student_steps', 'teacher_steps'),
+    'eval': ('num_prompts', 'batch_size', 'evaluator_examples', 'evaluator_steps',
+             'grid_prompts'),
+}
+
+
+def _field(section: str, name: str) -> str:
+  return f'config.{section}.{name}'
+
+
+def _check_count(config, section: str, name: str) -> None:
+  value = config[section][name]
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f'{_field(section, name)} = {value!r}: must be a whole number >= 1')
+
+
+def _check_range(value, field: str, low: float, high: float, high_included: bool) -> None:
+  if not (low <= value < high or (high_included and value == high)):
+    bracket = ']' if high_included else ')'
+    raise ValueError(f'{field} = {value!r}: must be in [{low}, {high}{bracket}')
+
+
+def _check_training(config, stage: str) -> None:
+  section = config[stage]
+  for name in _TRAINING_COUNTS:
+    _check_count(config, stage, name)
+  _check_range(section.ema_decay, _field(stage, 'ema_decay'), 0.0, 1.0, high_included=False)
+  _check_range(section.caption_dropout, _field(stage, 'caption_dropout'), 0.0, 1.0,
+               high_included=True)
+  lr = section.optimizer.lr
+  if not (math.isfinite(lr) and lr > 0):
+    raise ValueError(f'{_field(stage, "optimizer.lr")} = {lr!r}: must be a finite number > 0')
+  if section.optimizer.warmup_steps < 0:
+    raise ValueError(f'{_field(stage, "optimizer.warmup_steps")} = '
+                     f'{section.optimizer.warmup_steps}: must be >= 0')
+  if section.batch_size % section.grad_accum_steps:
+    raise ValueError(f'{_field(stage, "batch_size")} = {section.batch_size} is not divisible by '
+                     f'{_field(stage, "grad_accum_steps")} = {section.grad_accum_steps}')
+
+
+def _check_eval_steps(config) -> None:
+  for model, steps in config.eval.steps.items():
+    for n in steps:
+      if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f'config.eval.steps.{model} has {n!r}: step counts are whole '
+                         'numbers >= 1')
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_image_size(model: ml_collections.ConfigDict):
+  """The image side the U-Net is made for: sample_size times the autoencoder's
+  down-sampling (1 in pixel space). None where the diffusers folder cannot be read yet
+  (loading it reports that)."""
+  if model.source == 'embedded':
+    return model.unet.sample_size
+  try:
+    unet = _read_json(os.path.join(model.diffusers_path, 'unet', 'config.json'))
+    vae = _read_json(os.path.join(model.diffusers_path, 'vae', 'config.json'))
+  except (OSError, ValueError):
+    return None
+  if not isinstance(unet.get('sample_size'), int):
+    return None
+  return unet['sample_size'] * 2 ** (len(vae['block_out_channels']) - 1)
+
+
+def _check_image_size(config) -> None:
+  expected = model_image_size(config.model)
+  if expected is not None and config.data.image_size != expected:
+    raise ValueError(
+        f'config.data.image_size = {config.data.image_size} but the model makes '
+        f'{expected}x{expected} images (U-Net sample_size x autoencoder scale); set '
+        f'--config.data.image_size={expected}')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the first field of `config` out of its range."""
+  stages = tuple(config.stages)
+  for stage in TRAINING_STAGES:
+    if stage in stages:
+      _check_training(config, stage)
+  for section, names in _COUNTS.items():
+    if section in stages:
+      for name in names:
+        _check_count(config, section, name)
+  if 'eval' in stages:
+    _check_eval_steps(config)
+  if 'data' in config and 'model' in config:
+    _check_image_size(config)
