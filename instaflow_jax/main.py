@@ -71,9 +71,16 @@ def loaded_config():
   try:
     config.stages  # config_flags defers a loading error to the first access
   except OSError as e:
-    filename = config_flags.get_config_filename(flags.FLAGS['config'])
-    sys.exit(f'error: --config={filename} does not load: {_last_line(e)}')
+    sys.exit(_config_not_loaded(e))
   return config
+
+
+def _config_not_loaded(error: OSError) -> str:
+  """The error line of a config file that does not load: the last line of config_flags'
+  message says why (the file's own error), the lines above it where it looked."""
+  given = [arg for arg in sys.argv[1:] if arg.startswith('--config=')]
+  flag = given[-1] if given else '--config'
+  return f'error: {flag} does not load: {str(error).splitlines()[-1].strip()}'
 
 
 def resume_command(error) -> str:
@@ -108,9 +115,13 @@ def main(argv):
     sys.exit(f'error: {message}')
 
 
-def _last_line(error: Exception) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[-1] if lines else type(error).__name__
+def _one_line(error: Exception) -> str:
+  """The message of an error in one line (the last line of an embedded traceback)."""
+  text = str(error).replace('\\n', '\n').replace("\\'", "'")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    lines = lines[-1:]
+  return ' '.join(' '.join(lines).split()).strip("'")
 
 
 def parse_flags(argv):
@@ -123,7 +134,9 @@ def parse_flags(argv):
   except (AttributeError, KeyError) as e:
     field = _one_line(e).replace("'", '')
     sys.exit(f'error: config override names an unknown field: {field}')
-  except (ValueError, TypeError, OSError) as e:
+  except OSError as e:  # overrides applied to a config file that did not load
+    sys.exit(_config_not_loaded(e))
+  except (ValueError, TypeError) as e:
     sys.exit(f'error: bad config: {_one_line(e)}')
 
 

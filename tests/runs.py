@@ -7,16 +7,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAIN = ('rf', 'pairs', 'reflow', 'distill', 'eval')
 
 
-def main_command(workdir, tfds_dir, *extra, stages=('rf',)):
-  """configs/shapes.py:quick into `workdir`, running `stages`."""
+def main_command(workdir, tfds_dir, *extra, stages=('rf',), config='configs/shapes.py:quick'):
+  """`config` (the quick embedded default) into `workdir`, running `stages`."""
   stage_list = ','.join(f'"{s}"' for s in stages)
-  return [sys.executable, '-m', 'instaflow_jax.main', '--config=configs/shapes.py:quick',
+  return [sys.executable, '-m', 'instaflow_jax.main', f'--config={config}',
           f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
           f'--config.stages=({stage_list},)', *extra]
 
 
-def run_main(workdir, tfds_dir, *extra, stages=('rf',), timeout=900):
-  return subprocess.run(main_command(workdir, tfds_dir, *extra, stages=stages), cwd=REPO,
+def run_main(workdir, tfds_dir, *extra, timeout=900, **command):
+  return subprocess.run(main_command(workdir, tfds_dir, *extra, **command), cwd=REPO,
                         capture_output=True, text=True, timeout=timeout)
 
 

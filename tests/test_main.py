@@ -5,11 +5,9 @@ import subprocess
 import time
 
 import numpy as np
-import pytest
 
 from configs import shapes
 from instaflow_jax import huge_pages
-from instaflow_jax import stages
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 from tests import runs
@@ -89,28 +87,3 @@ def test_resume_after_sigkill_is_exact(quick_chain, tfds_dir, tmp_path):
   assert resumed_losses == reference_losses
 
 
-@pytest.mark.parametrize('extra,message', [
-    (['--config.rf.stepz=3'], 'error: config override names an unknown field: stepz'),
-    (['--config.rf.steps=many'], "error: flag --config.rf.steps=many: invalid literal for int()"),
-])
-def test_bad_config_fails_in_one_line(tfds_dir, tmp_path, extra, message):
-  result = runs.run_main(str(tmp_path / 'w'), tfds_dir, *extra)
-  assert result.returncode != 0
-  assert runs.last_line(result).startswith(message), result.stderr[-2000:]
-
-
-def test_read_only_workdir_fails_in_one_line(tfds_dir):
-  result = runs.run_main('/sys/instaflow_jax_workdir', tfds_dir)
-  assert result.returncode != 0
-  assert runs.last_line(result) == (
-      "error: workdir '/sys/instaflow_jax_workdir' is not writable (Operation not permitted); "
-      'choose another --workdir')
-
-
-def test_unknown_dataset_and_stage_are_named(tfds_dir, tmp_path):
-  config = quick_config(tfds_dir, 'rf')
-  config.data.name = 'no_such_dataset'
-  with pytest.raises(ValueError, match="tfds dataset 'no_such_dataset' not found"):
-    stages.run_all(config, str(tmp_path))
-  with pytest.raises(ValueError, match="config.stages names unknown stage 'paint'"):
-    stages.run_all(quick_config(tfds_dir, 'rf', 'paint'), str(tmp_path))

@@ -13,6 +13,7 @@ from typing import Any, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from absl import logging
 from etils import epath
 
@@ -29,6 +30,10 @@ ocp.type_handlers.register_type_handler(
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing or does not fit the model."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files are cut short or missing."""
 
 
 def _name(path) -> str:
@@ -55,6 +60,45 @@ def first_mismatch(stored, expected) -> Optional[str]:
     if name not in expected:
       return f'the checkpoint has parameter {name} {shape}, which the model config lacks'
   return None
+
+
+def _extent(location: str, item_dir: str):
+  """(file, end) of an OCDBT location 'kind:base/:d/FILE:OFFSET:LENGTH'."""
+  _, base, name, offset, length = location.split(':')
+  return os.path.join(item_dir, base, name), int(offset) + int(length)
+
+
+def check_complete(item_dir: str) -> None:
+  """CheckpointError naming the first file of an array checkpoint (Orbax's OCDBT store) that
+  is shorter than its index says, or missing: what a full disk or a copy that died leaves.
+
+  Read from the index alone (the B-tree nodes, not the arrays), so that a damaged checkpoint
+  is found before a restore starts: a restore that fails midway leaves its other reads
+  failing in the background, each with a traceback."""
+  if '://' in item_dir:  # object stores write whole objects or nothing
+    return
+  try:
+    kvstore = ts.KvStore.open({'driver': 'file', 'path': item_dir + '/'}).result()
+    nodes = [ts.ocdbt.dump(kvstore).result()['versions'][-1]['root']['location']]
+    while nodes:
+      location = nodes.pop()
+      _check_extent(location, item_dir)
+      for entry in ts.ocdbt.dump(kvstore, location).result()['entries']:
+        for value in entry.values():
+          if isinstance(value, str) and value.startswith('btreenode:'):
+            nodes.append(value)
+          elif isinstance(value, str) and value.startswith('value:'):
+            _check_extent(value, item_dir)
+  except ValueError as e:  # the manifest or a node itself does not read
+    raise DamagedCheckpointError(f'{item_dir}: {str(e).splitlines()[0]}') from None
+
+
+def _check_extent(location: str, item_dir: str) -> None:
+  path, end = _extent(location, item_dir)
+  size = os.path.getsize(path) if os.path.exists(path) else None
+  if size is None or size < end:
+    found = 'missing' if size is None else f'{size} bytes'
+    raise DamagedCheckpointError(f'{path} is cut short ({found}, its index needs {end} bytes)')
 
 
 STATE_ITEM = 'state'  # the train state's item in a checkpoint step directory
@@ -96,29 +140,32 @@ class Checkpointer:
     fails to read (a file cut short by a full disk or a dead copy) is set aside, with a
     warning, for the one before it, but only once an older one has restored: when none
     does, CheckpointError names the newest one's error and nothing is moved."""
-    damaged = []
+    damaged = {}  # step: why, newest first
     for step in reversed(self.all_steps()):
       try:
+        check_complete(os.path.join(self.directory, str(step), STATE_ITEM))
         self.check_fits(step, abstract_state.params)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except DamagedCheckpointError as e:
+        error = str(e)
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (TensorStore raises Exception)
-        logging.warning('checkpoint %s/%d does not restore: %s', self.directory, step,
-                        str(e).splitlines()[0])
-        damaged.append((step, e))
-        continue
-      if damaged:
-        logging.warning('resuming from the older checkpoint %d; the damaged one(s) %s are '
-                        'moved to %s', step, [s for s, _ in damaged], self.rejected_dir)
-        self.reject([s for s, _ in damaged], 'damaged')
-      return restored.state, restored.meta
+        error = str(e).splitlines()[0][:300]
+      else:
+        if damaged:
+          logging.warning('%s: resuming from step %d; the damaged checkpoint(s) %s are moved '
+                          'to %s', self.directory, step, list(damaged), self.rejected_dir)
+          self.reject(list(damaged), 'damaged')
+        return restored.state, restored.meta
+      logging.warning('checkpoint %s/%d is damaged: %s', self.directory, step, error)
+      damaged[step] = error
     if damaged:
-      step, error = damaged[0]
+      newest = next(iter(damaged))
       raise CheckpointError(
-          f'{self.directory}/{step} is damaged ({str(error).splitlines()[0][:300]}) and no '
-          f'older checkpoint restores; delete {self.directory} to restart the stage')
+          f'{self.directory}/{newest} is damaged ({damaged[newest]}) and no older checkpoint '
+          f'restores; delete {self.directory} to restart the stage')
     return None
 
   @property
@@ -169,6 +216,7 @@ def load_params(path: str, abstract_params, what: str = 'params'):
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f'{what}: checkpoint {path} not found')
+  check_complete(path)
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract_params = jax.tree.map(
       lambda a: a if getattr(a, 'sharding', None) else jax.ShapeDtypeStruct(a.shape, a.dtype,

@@ -1,0 +1,158 @@
+"""Bad input, typed as a user types it: `python -m instaflow_jax.main` in a subprocess.
+
+Each case must end with a non-zero exit, a last stderr line `error: ...`, no traceback,
+and the workdir exactly as it was (every file's path and bytes).
+"""
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+import pytest
+
+from instaflow_jax.training import loop
+from tests import runs
+from tests.test_main import final_params
+
+
+def tree_digest(path: str) -> str:
+  """One hash of every file and directory under `path` (names and contents)."""
+  digest = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    digest.update(os.path.relpath(root, path).encode() + b'/\n')
+    for name in sorted(files):
+      digest.update(name.encode() + b'\n')
+      with open(os.path.join(root, name), 'rb') as f:
+        digest.update(hashlib.sha256(f.read()).digest())
+  return digest.hexdigest()
+
+
+def interrupted_rf(quick_chain, workdir: str) -> str:
+  """WORKDIR/rf as a run killed after its last checkpoint leaves it."""
+  stage_dir = os.path.join(workdir, 'rf')
+  shutil.copytree(os.path.join(quick_chain, 'rf'), stage_dir)
+  os.remove(os.path.join(stage_dir, 'DONE'))
+  shutil.rmtree(os.path.join(stage_dir, 'params'))
+  return stage_dir
+
+
+def finished_rf(quick_chain, workdir: str) -> str:
+  stage_dir = os.path.join(workdir, 'rf')
+  shutil.copytree(os.path.join(quick_chain, 'rf'), stage_dir)
+  return stage_dir
+
+
+def damage_every_checkpoint(quick_chain, workdir: str) -> None:
+  """Each checkpoint's largest file cut to half, as a full disk leaves it."""
+  stage_dir = interrupted_rf(quick_chain, workdir)
+  for step in os.listdir(os.path.join(stage_dir, 'checkpoints')):
+    step_dir = os.path.join(stage_dir, 'checkpoints', step)
+    files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, 'r+b') as f:
+      f.truncate(os.path.getsize(largest) // 2)
+
+
+def nothing(quick_chain, workdir: str) -> None:
+  del quick_chain, workdir
+
+
+WIDER = "--config.model.unet.block_out_channels=(16,48)"
+
+
+
+class Case(NamedTuple):
+  name: str
+  prepare: Callable[[str, str], None]  # (quick_chain, workdir): what the workdir holds
+  stages: tuple
+  flags: list
+  message: str  # the start of the last stderr line; {workdir} is filled in
+  config: str = 'configs/shapes.py:quick'
+
+
+CASES = [Case(*case) for case in [
+    ('missing config file', nothing, ('rf',), [],
+     "error: --config=configs/no_such_config.py does not load: [Errno 2] No such file or "
+     "directory: 'configs/no_such_config.py'", 'configs/no_such_config.py'),
+    ('zero steps', nothing, ('rf',), ['--config.rf.steps=0'],
+     'error: config.rf.steps = 0: must be a whole number >= 1'),
+    ('negative steps', nothing, ('rf',), ['--config.rf.steps=-5'],
+     'error: config.rf.steps = -5: must be a whole number >= 1'),
+    ('zero checkpoint interval', nothing, ('rf',), ['--config.rf.checkpoint_every=0'],
+     'error: config.rf.checkpoint_every = 0: must be a whole number >= 1'),
+    ('zero pairs', nothing, ('pairs',), ['--config.pairs.num_pairs=0'],
+     'error: config.pairs.num_pairs = 0: must be a whole number >= 1'),
+    ('EMA decay of 1', nothing, ('rf',), ['--config.rf.ema_decay=1.0'],
+     'error: config.rf.ema_decay = 1.0: must be in [0.0, 1.0)'),
+    ('image size of two values', nothing, ('rf',), ['--config.data.image_size=24'],
+     'error: config.data.image_size = 24 but the model makes 16x16 images'),
+    ('resume with another model', interrupted_rf, ('rf',), [WIDER],
+     'error: {workdir}/rf/checkpoints/30 does not fit the model config: parameter '
+     'down_blocks_1/attentions_0/norm/bias has shape (32,) in the checkpoint but (48,) in the '
+     'model config'),
+    ('teacher of another model', finished_rf, ('rf', 'pairs'), [WIDER],
+     'error: pairs.teacher: checkpoint {workdir}/rf/params does not fit the model config: '
+     'parameter down_blocks_1/attentions_0/norm/bias has shape (32,) in the checkpoint but '
+     '(48,) in the model config'),
+    ('every checkpoint damaged', damage_every_checkpoint, ('rf',), [],
+     'error: {workdir}/rf/checkpoints/30 is damaged ('),
+    ('teacher not trained', nothing, ('pairs',), [],
+     "error: pairs.teacher: checkpoint {workdir}/rf/params not found; run stage 'rf' first"),
+    ('unknown field', nothing, ('rf',), ['--config.rf.stepz=3'],
+     'error: config override names an unknown field: stepz'),
+    ('wrong type', nothing, ('rf',), ['--config.rf.steps=many'],
+     'error: flag --config.rf.steps=many: invalid literal for int()'),
+    ('unknown stage', nothing, ('rf', 'paint'), [],
+     "error: config.stages names unknown stage 'paint'"),
+    ('unknown dataset', nothing, ('rf',), ['--config.data.name=no_such_dataset'],
+     "error: tfds dataset 'no_such_dataset' not found"),
+]]
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
+def test_refused_in_one_line_with_the_workdir_unchanged(quick_chain, tfds_dir, tmp_path, case):
+  workdir = str(tmp_path / 'w')
+  os.makedirs(workdir)
+  case.prepare(quick_chain, workdir)
+  before = tree_digest(workdir)
+  result = runs.run_main(workdir, tfds_dir, *case.flags, stages=case.stages, config=case.config)
+  assert result.returncode != 0
+  message = case.message.format(workdir=workdir)
+  assert runs.last_line(result).startswith(message), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert tree_digest(workdir) == before
+
+
+def test_read_only_workdir_fails_in_one_line(tfds_dir):
+  result = runs.run_main('/sys/instaflow_jax_workdir', tfds_dir)
+  assert result.returncode != 0
+  assert runs.last_line(result) == (
+      "error: workdir '/sys/instaflow_jax_workdir' is not writable (Operation not permitted); "
+      'choose another --workdir')
+
+
+def test_divergence_stops_with_a_command_that_resumes(tfds_dir, tmp_path):
+  workdir = str(tmp_path / 'w')
+  result = runs.run_main(workdir, tfds_dir, '--config.rf.optimizer.lr=1e30',
+                         '--config.rf.optimizer.warmup_steps=0', '--config.rf.steps=6',
+                         '--config.rf.checkpoint_every=2')
+  assert result.returncode != 0
+  message = runs.last_line(result)
+  assert message.startswith('error: rf: loss '), result.stderr[-3000:]
+  assert 'no checkpoint is from before the divergence' in message
+  assert 'Traceback' not in result.stderr
+  command = shlex.split(message.split(' restarts the stage: ', 1)[1])
+  assert command[-1] == '--config.rf.optimizer.lr=1e+29'
+  sane = subprocess.run(command[:-1] + ['--config.rf.optimizer.lr=1e-3'], cwd=runs.REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert sane.returncode == 0, sane.stderr[-3000:]
+  assert 'rf.optimizer.lr changed since the stage last ran: 1e+30 -> 0.001' in sane.stderr
+  losses = [r['loss'] for r in loop.read_metrics(os.path.join(workdir, 'rf')) if 'loss' in r]
+  assert len(losses) == 2 and np.all(np.isfinite(losses))  # steps 5 and 6
+  params = jax.tree.leaves(final_params(os.path.join(workdir, 'rf')))
+  assert params and all(np.all(np.isfinite(p)) for p in params)
