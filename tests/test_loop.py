@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import shapes
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
+from instaflow_jax.training import state as state_lib
 
 
 def toy_config(steps=12, **overrides):
@@ -176,3 +178,11 @@ def test_resuming_with_another_model_names_the_parameter(tmp_path):
                            r'\(4,\) in the checkpoint but \(5,\) in the model config'):
     loop.train(toy_config(), str(tmp_path), stage='toy', init_params={'w': jnp.zeros(5)},
                frozen={'bias': jnp.float32(0.5)}, loss_fn=toy_loss, batches=toy_batches)
+
+
+def test_ema_warms_up_so_a_short_run_averages_trained_weights():
+  decays = [float(state_lib.ema_warmup(0.995, jnp.int32(step))) for step in (0, 10, 1000, 10**4)]
+  np.testing.assert_allclose(decays, [0.1, 11 / 20, 1001 / 1010, 0.995], rtol=1e-6)
+  state = loop.TrainState.create({'w': jnp.zeros(4)}, optax.sgd(1.0))
+  state = state.apply_gradients({'w': -jnp.ones(4)}, ema_decay=0.995)  # params become 1
+  np.testing.assert_allclose(state.ema_params['w'], 0.9)  # 0.1 * 0 + 0.9 * 1

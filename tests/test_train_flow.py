@@ -22,3 +22,17 @@ def test_caption_dropout_replaces_whole_captions_at_its_rate():
   assert abs((per_example.mean(axis=1) == 0).mean() - 0.25) < 0.03
   np.testing.assert_array_equal(train_flow.drop_captions(embeds, null, 0.0, jax.random.key(1)),
                                 embeds)
+
+
+def test_text_use_compares_matched_with_shifted_captions():
+  # A "model" whose loss is the distance of each example's text to its own target: zero
+  # with the right captions, positive with captions shifted by one example.
+  targets = jnp.arange(4.0)[:, None, None] * jnp.ones((4, 2, 3))
+  loss_of = lambda embeds: jnp.mean(jnp.square(embeds - targets))
+  metrics = train_flow.text_use(loss_of, targets)
+  assert set(metrics) == set(train_flow.TEXT_USE_METRICS)
+  assert metrics['text_loss_matched'] == 0.0
+  np.testing.assert_allclose(metrics['text_loss_shuffled'], (1 + 1 + 1 + 9) / 4)
+  assert metrics['text_use'] == 1.0
+  ignored = train_flow.text_use(lambda embeds: jnp.float32(0.5), targets)
+  assert ignored['text_use'] == 0.0
