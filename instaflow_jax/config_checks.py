@@ -13,10 +13,10 @@ import ml_collections
 TRAINING_STAGES = ('rf', 'reflow', 'distill')
 
 # Whole numbers >= 1, per section.
-_TRAINING_COUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
+TRAININGCOUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
                     'checkpoint_every', 'keep_checkpoints', 'sample_every', 'num_samples',
                     'sample_steps')
-_COUNTS = {
+COUNTS = {
     'pairs': ('num_pairs', 'shard_size', 'batch_size', 'num_steps'),
     'distill': ('student_steps', 'teacher_steps'),
     'eval': ('num_prompts', 'batch_size', 'evaluator_examples', 'evaluator_steps',
@@ -42,7 +42,7 @@ def _check_range(value, field: str, low: float, high: float, high_included: bool
 
 def _check_training(config, stage: str) -> None:
   section = config[stage]
-  for name in _TRAINING_COUNTS:
+  for name in TRAININGCOUNTS:
     _check_count(config, stage, name)
   _check_range(section.ema_decay, _field(stage, 'ema_decay'), 0.0, 1.0, high_included=False)
   _check_range(section.caption_dropout, _field(stage, 'caption_dropout'), 0.0, 1.0,
@@ -102,7 +102,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for stage in TRAINING_STAGES:
     if stage in stages:
       _check_training(config, stage)
-  for section, names in _COUNTS.items():
+  for section, names in COUNTS.items():
     if section in stages:
       for name in names:
         _check_count(config, section, name)

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from configs import shapes
+from instaflow_jax import config_checks
 from instaflow_jax.training import loop
 from tests import runs
 from tests.test_main import final_params
@@ -156,3 +158,23 @@ def test_divergence_stops_with_a_command_that_resumes(tfds_dir, tmp_path):
   assert len(losses) == 2 and np.all(np.isfinite(losses))  # steps 5 and 6
   params = jax.tree.leaves(final_params(os.path.join(workdir, 'rf')))
   assert params and all(np.all(np.isfinite(p)) for p in params)
+
+
+def _count_fields():
+  for stage in config_checks.TRAINING_STAGES:
+    for name in config_checks.TRAININGCOUNTS:
+      yield stage, name
+  for section, names in config_checks.COUNTS.items():
+    for name in names:
+      yield section, name
+
+
+@pytest.mark.parametrize('value', [0, -1])
+def test_every_count_field_is_checked_and_named(value):
+  for section, name in _count_fields():
+    config = shapes.get_config('quick')
+    config[section][name] = value
+    with pytest.raises(ValueError, match=rf'^config\.{section}\.{name} = {value}: must be a '
+                                         r'whole number >= 1$'):
+      config_checks.check_config(config)
+  config_checks.check_config(shapes.get_config('quick'))  # the defaults pass
