@@ -13,7 +13,7 @@ import ml_collections
 TRAINING_STAGES = ('rf', 'reflow', 'distill')
 
 # Whole numbers >= 1, per section.
-TRAININGCOUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
+TRAINING_COUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
                     'checkpoint_every', 'keep_checkpoints', 'sample_every', 'num_samples',
                     'sample_steps')
 COUNTS = {
@@ -42,7 +42,7 @@ def _check_range(value, field: str, low: float, high: float, high_included: bool
 
 def _check_training(config, stage: str) -> None:
   section = config[stage]
-  for name in TRAININGCOUNTS:
+  for name in TRAINING_COUNTS:
     _check_count(config, stage, name)
   _check_range(section.ema_decay, _field(stage, 'ema_decay'), 0.0, 1.0, high_included=False)
   _check_range(section.caption_dropout, _field(stage, 'caption_dropout'), 0.0, 1.0,

@@ -162,7 +162,7 @@ def test_divergence_stops_with_a_command_that_resumes(tfds_dir, tmp_path):
 
 def _count_fields():
   for stage in config_checks.TRAINING_STAGES:
-    for name in config_checks.TRAININGCOUNTS:
+    for name in config_checks.TRAINING_COUNTS:
       yield stage, name
   for section, names in config_checks.COUNTS.items():
     for name in names:
