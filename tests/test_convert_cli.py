@@ -119,7 +119,9 @@ def test_raw_or_ema_params_of_a_checkpoint_step(run, tmp_path):
   assert_same_params(read_params(back, run['unet']), run['raw'])
   step = pipeline_lib.find_trained_params(step_dir)
   assert_same_params(step.load(checkpoint.abstract_like(run['ema'])), run['ema'])
-  with pytest.raises(checkpoint.CheckpointError, match='do not have the parameter names'):
+  with pytest.raises(checkpoint.CheckpointError, match='its ema_params do not fit the model '
+                     r'config: the checkpoint has parameter conv_norm_out/bias \(32,\), which '
+                     'the model config lacks'):
     step.load({'conv_in': checkpoint.abstract_like(run['ema']['conv_in'])})
 
 

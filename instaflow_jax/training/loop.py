@@ -304,7 +304,7 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   previous_handler = signal.signal(signal.SIGTERM, sigterm)
   base_rng = jax.random.key(seed)
   guard = DivergenceGuard(meta.get('means'), checkpointer.latest_step())
-  unchecked = []  # (step, loss, grad_norm) on the device, fetched together at log steps
+  unchecked = []  # (step, its loss and grad_norm on the device), fetched at log steps
   try:
     step = start_step
     for step, batch in zip(range(start_step + 1, config.steps + 1), batches(start_step)):
