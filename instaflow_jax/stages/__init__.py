@@ -5,6 +5,7 @@ import os
 import ml_collections
 from absl import logging
 
+from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.stages import distill
 from instaflow_jax.stages import evaluate
@@ -44,6 +45,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise ValueError(f'config.stages names unknown stage {unknown[0]!r}; known: {sorted(STAGES)}')
+  pipeline_lib.store_text_side(config, workdir)
   for stage in config.stages:
     stage_dir = os.path.join(workdir, stage)
     if loop.is_complete(stage_dir):
