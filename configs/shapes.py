@@ -2,7 +2,8 @@ r"""The embedded default: the InstaFlow recipe on captioned shapes, on a CPU, in
 
 Pixel-space rectified flow (no VAE) on the locally generated `captioned_shapes` dataset,
 conditioned by a small frozen CLIP text encoder with seeded random weights and a
-word-level tokenizer. Nothing is downloaded.
+word-level tokenizer over the training captions' words, both stored with the run
+(WORKDIR/text). Nothing is downloaded.
 
   python -m instaflow_jax.main --config=configs/shapes.py --workdir=runs/shapes
   python -m instaflow_jax.main --config=configs/shapes.py:quick --workdir=/tmp/quick
@@ -42,6 +43,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       compute_dtype='float32',
       remat=False,
       autoencoder='identity',       # pixel space
+      # The word tokenizer's words: '' = those of the training captions, or a file (one
+      # word a line, or a word_tokenizer.json). With the encoder from text_seed they are
+      # stored once per run in WORKDIR/text, which every later stage, generate and eval read.
+      vocabulary='',
       text_seed=1234,               # the frozen random text encoder's weights
       max_length=16,
       text_encoder=dict(hidden_size=32 if quick else 64, intermediate_size=64 if quick else 128,

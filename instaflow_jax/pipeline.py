@@ -7,10 +7,16 @@ Prompts are tokenized (padded to the tokenizer's max length) on the host; everyt
 after that (text encoder, the Euler loop with optional classifier-free guidance, the VAE
 decoder, the conversion to [0, 1]) is one jitted function, compiled once per
 (batch, size, steps, guidance on/off).
+
+The embedded model's text side (word tokenizer, frozen random text encoder) is made once
+per run and stored in WORKDIR/text (store_text_side); every stage, generate and eval read
+it from there (load_text_side).
 """
 import dataclasses
 import functools
 import os
+import shutil
+import tempfile
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -19,8 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
+from instaflow_jax import parallel
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data.tokenizer import WordTokenizer
 from instaflow_jax.data.tokenizer import tokenize
@@ -41,7 +50,7 @@ Prompts = Union[str, Sequence[str]]
 
 # The stages whose final params are a U-Net, the latest of the recipe first.
 TRAINED_STAGES = ('distill', 'reflow', 'rf')
-STAGE_CONFIG = 'config.json'
+STAGE_CONFIG = workdir_lib.CONFIG_FILE
 # Bad input (a path, a file, a config) rather than a bug: command lines report it in one line.
 LOAD_ERRORS = (ValueError, OSError, checkpoint.CheckpointError)
 
@@ -75,13 +84,14 @@ class Pipeline:
                tokenizer=load_tokenizer(os.path.join(path, 'tokenizer')), source=path)
 
   @classmethod
-  def from_config(cls, config, seed: int = 0) -> 'Pipeline':
+  def from_config(cls, config, seed: int = 0, workdir: str = '') -> 'Pipeline':
     """The pipeline a training config's `model` section describes.
 
     source='diffusers': everything from the folder `diffusers_path`.
-    source='embedded': the captioned-shapes word tokenizer, a small CLIP text encoder
-    with seeded random weights (frozen, never trained), pixel space (identity
-    autoencoder), and a freshly initialised U-Net from `config.unet`.
+    source='embedded': the text side that the run in `workdir` stored (a word tokenizer
+    and a small CLIP text encoder with random weights, frozen, never trained; see
+    load_text_side), pixel space (identity autoencoder), and a freshly initialised U-Net
+    from `config.unet`.
     In both cases the U-Net computes in `compute_dtype`, with float32 params.
     unet_kind='stacked' makes it two such U-Nets in series (InstaFlow-1.7B, with the
     removals of `config.stacked`), both initialised from the one U-Net.
@@ -89,7 +99,7 @@ class Pipeline:
     kind = config.get('unet_kind', 'unet')
     if kind not in ('unet', 'stacked'):
       raise ValueError(f"model.unet_kind {kind!r} is unknown; use 'unet' or 'stacked'")
-    pipe = cls._single_unet_pipeline(config, seed)
+    pipe = cls._single_unet_pipeline(config, seed, workdir)
     if kind == 'unet':
       return pipe
     stacked = StackedUNetConfig(pipe.unet.config, **config.stacked.to_dict())
@@ -98,7 +108,7 @@ class Pipeline:
         unet_params=init_from_unet(pipe.unet_params, stacked))
 
   @classmethod
-  def _single_unet_pipeline(cls, config, seed: int) -> 'Pipeline':
+  def _single_unet_pipeline(cls, config, seed: int, workdir: str) -> 'Pipeline':
     compute_dtype = jnp.dtype(config.compute_dtype)
     if config.source == 'diffusers':
       if not config.diffusers_path:
@@ -112,24 +122,19 @@ class Pipeline:
     if config.autoencoder != 'identity':
       raise ValueError(f"model.autoencoder {config.autoencoder!r}: the embedded model is pixel "
                        "space; use 'identity'")
-    tokenizer = WordTokenizer.for_shapes(config.max_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=config.max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=None, **config.text_encoder))
+    text = load_text_side(workdir, config)
     unet = UNet2DConditionModel(UNetConfig.from_diffusers_config(config.unet.to_dict()),
                                 dtype=compute_dtype, remat_blocks=config.remat)
     vae = IdentityAutoencoder(IdentityConfig(channels=unet.config.in_channels))
     return cls(unet=unet, unet_params=init_params(unet, seed), vae=vae, vae_params={},
-               text_encoder=text_encoder,
-               text_encoder_params=init_params(text_encoder, config.text_seed),
-               tokenizer=tokenizer)
+               text_encoder=text.encoder, text_encoder_params=text.params,
+               tokenizer=text.tokenizer)
 
   @classmethod
   def from_checkpoint(cls, trained: 'TrainedParams') -> 'Pipeline':
-    """The model that a stage's config.json describes, with the stage's trained U-Net
-    params (`trained` comes from find_trained_params)."""
-    pipe = cls.from_config(trained.model_config())
+    """The model that a stage's config.json describes, with the text side of its run and
+    the stage's trained U-Net params (`trained` comes from find_trained_params)."""
+    pipe = cls.from_config(trained.model_config(), workdir=trained.workdir)
     return dataclasses.replace(pipe, unet_params=trained.load(
         checkpoint.abstract_like(pipe.unet_params)))
 
@@ -237,6 +242,11 @@ class TrainedParams:
       raise ValueError(f'{self.config_path}: no model section; not the config.json of a stage')
     return ml_collections.ConfigDict(config['model'])
 
+  @property
+  def workdir(self) -> str:
+    """The run the stage belongs to (its text side is there)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(self.config_path)))
+
   def load(self, abstract_params):
     if not self.state_key:
       return checkpoint.load_params(self.params_path, abstract_params)
@@ -324,6 +334,111 @@ def init_params(module, seed: int):
   init = jax.jit(module.init, compiler_options={'xla_backend_optimization_level': 0})
   variables = init(jax.random.key(seed), *module.example_inputs())
   return nn.meta.unbox(variables)['params']
+
+
+TEXT_DIR = 'text'  # WORKDIR/text: tokenizer/ (word_tokenizer.json) and text_encoder/
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSide:
+  """The embedded model's word tokenizer and frozen CLIP text encoder (module, params)."""
+  tokenizer: WordTokenizer
+  encoder: CLIPTextModel
+  params: Any
+
+
+def store_text_side(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Makes the embedded model's text side (make_text_side) and stores it in WORKDIR/text,
+  once, before a run's first stage, so that every later use reads what training used
+  whatever the data, the config or this code's defaults become.
+
+  Nothing to do for a diffusers model (its folder holds its text side), for a workdir that
+  has one, or for a run begun before text sides were stored (it keeps legacy_text_side).
+  Returns whether it stored one.
+  """
+  if config.model.source != 'embedded':
+    return False
+  path = os.path.join(workdir, TEXT_DIR)
+  missing = not os.path.isdir(path) and not workdir_lib.has_begun_stages(workdir)
+  parallel.sync('text side: looked')  # by every process, before process 0 writes it
+  if not missing:
+    return False
+  # Made by every process (the same): reading the data is a step they take together.
+  text = make_text_side(config)
+  if jax.process_index() == 0:
+    _write_text_side(path, text)
+    logging.info('text side: %d words and a text encoder from model.text_seed=%d, stored in '
+                 '%s', len(text.tokenizer.words), config.model.text_seed, path)
+  parallel.sync('text side: stored')
+  return True
+
+
+def remove_text_side(workdir: str) -> None:
+  if jax.process_index() == 0:
+    shutil.rmtree(os.path.join(workdir, TEXT_DIR))
+
+
+def _write_text_side(path: str, text: TextSide) -> None:
+  """Writes beside `path`, then renames: a crash leaves no half-written text side for a
+  later run to trust."""
+  staging = tempfile.mkdtemp(prefix=f'.{TEXT_DIR}.tmp-', dir=os.path.dirname(path))
+  try:
+    text.tokenizer.save_pretrained(os.path.join(staging, TEXT_DIR, 'tokenizer'))
+    diffusers_io.save_component(os.path.join(staging, TEXT_DIR), 'text_encoder',
+                                text.encoder.config, text.params)
+    os.rename(os.path.join(staging, TEXT_DIR), path)
+  finally:
+    shutil.rmtree(staging)
+
+
+def load_text_side(workdir: str, model_config: ml_collections.ConfigDict) -> TextSide:
+  """The text side that the run in `workdir` stored (store_text_side); legacy_text_side
+  for a run begun before text sides were stored."""
+  if not workdir:
+    raise ValueError("model.source='embedded': its text side is stored with its run; give "
+                     'the workdir')
+  path = os.path.join(workdir, TEXT_DIR)
+  if not os.path.isdir(path):
+    logging.warning('%s has no %s/: a run from before text sides were stored; using the '
+                    'captioned-shapes vocabulary and a text encoder from model.text_seed=%d, '
+                    'as it did', workdir, TEXT_DIR, model_config.text_seed)
+    return legacy_text_side(model_config)
+  _, encoder, params = diffusers_io.load_component(path, 'text_encoder')
+  return TextSide(WordTokenizer.from_pretrained(os.path.join(path, 'tokenizer')), encoder,
+                  params)
+
+
+def make_text_side(config: ml_collections.ConfigDict) -> TextSide:
+  """A new text side: the tokenizer of new_tokenizer and a text encoder with random
+  weights from model.text_seed."""
+  return _with_random_encoder(new_tokenizer(config), config.model)
+
+
+def new_tokenizer(config: ml_collections.ConfigDict) -> WordTokenizer:
+  """The words of the file model.vocabulary (one a line, or a word_tokenizer.json) or, when
+  it is '', every word of the training captions (config.data's train_split), sorted."""
+  model = config.model
+  if model.get('vocabulary'):
+    return WordTokenizer.from_vocabulary_file(model.vocabulary, model.max_length)
+  # Imported here: they import tfds and TensorFlow (and the stages import this module).
+  from instaflow_jax.data import input as input_lib
+  from instaflow_jax.stages import train_flow
+  captions = input_lib.all_captions(train_flow.input_config(config.data, config.data.train_split))
+  return WordTokenizer.from_captions(captions, model.max_length)
+
+
+def legacy_text_side(model_config: ml_collections.ConfigDict) -> TextSide:
+  """The text side of a run begun before text sides were stored, rebuilt as it was then
+  at every use: the captioned-shapes vocabulary and model.text_seed's random encoder."""
+  return _with_random_encoder(WordTokenizer.for_shapes(model_config.max_length), model_config)
+
+
+def _with_random_encoder(tokenizer: WordTokenizer, model_config) -> TextSide:
+  encoder = CLIPTextModel(CLIPTextConfig(
+      vocab_size=len(tokenizer), max_position_embeddings=model_config.max_length,
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id, projection_dim=None, **model_config.text_encoder))
+  return TextSide(tokenizer, encoder, init_params(encoder, model_config.text_seed))
 
 
 def load_tokenizer(path: str):

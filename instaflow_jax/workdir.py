@@ -27,6 +27,12 @@ def ensure_workdir(workdir: str) -> None:
     raise _not_writable(workdir, e) from None
 
 
+def has_begun_stages(workdir: str) -> bool:
+  """Whether a stage has begun its work in `workdir` (it writes its config.json first)."""
+  return os.path.isdir(workdir) and any(
+      os.path.isfile(os.path.join(workdir, name, CONFIG_FILE)) for name in os.listdir(workdir))
+
+
 def changed_fields(old, new, prefix: str = '') -> list:
   """[(field, old value, new value)] of two nested config dicts, in sorted order."""
   changes = []

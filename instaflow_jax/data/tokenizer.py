@@ -1,23 +1,26 @@
 """A word-level tokenizer for a closed vocabulary, laid out like CLIP's tokenizer.
 
 It stands in for transformers' CLIPTokenizer where captions come from a small known
-vocabulary (the captioned shapes): the same call, the same `.input_ids` layout
+vocabulary (the words of a dataset's captions): the same call, the same `.input_ids` layout
 
     [bos, word, ..., word, eos, pad, ..., pad]      with pad == eos,
 
 and eos the largest id, so a CLIP text model pools the right position whether it looks
 for the first eos or (legacy configs) the argmax of the ids.
 
-    tokenizer = WordTokenizer.for_shapes()
+    tokenizer = WordTokenizer.from_captions(captions)
     ids = tokenizer(['a small red circle at the top'], return_tensors='np').input_ids
+
+A word outside the vocabulary becomes <unk>, with a warning that names it (once per word).
 """
 import dataclasses
 import json
 import os
 import re
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
+from absl import logging
 
 FILENAME = 'word_tokenizer.json'
 UNK, BOS, EOS = '<unk>', '<|startoftext|>', '<|endoftext|>'
@@ -51,12 +54,36 @@ class WordTokenizer:
     self.bos_token_id = len(self.vocab) - 2
     self.eos_token_id = len(self.vocab) - 1
     self.pad_token_id = self.eos_token_id
+    self._warned = set()  # unknown words already named in a warning
 
   @classmethod
   def for_shapes(cls, max_length: int = 16) -> 'WordTokenizer':
     """The vocabulary of every captioned-shapes caption."""
     from instaflow_jax.data import shapes  # imports tensorflow_datasets: only when asked
     return cls(shapes.vocabulary(), model_max_length=max_length)
+
+  @classmethod
+  def from_captions(cls, captions: Iterable[str], max_length: int = 16) -> 'WordTokenizer':
+    """Every word of `captions`, sorted: the same ids whatever the order of the captions
+    (for the captioned shapes, those of `for_shapes`)."""
+    words = sorted({w for caption in captions for w in words_of(caption)})
+    if not words:
+      raise ValueError('WordTokenizer: the captions have no words to make a vocabulary of')
+    return cls(words, model_max_length=max_length)
+
+  @classmethod
+  def from_vocabulary_file(cls, path: str, max_length: int = 16) -> 'WordTokenizer':
+    """The words of a text file, one a line, in id order; or of a word_tokenizer.json."""
+    if not os.path.isfile(path):
+      raise OSError(f'vocabulary file {path} not found')
+    with open(path, encoding='utf-8') as f:
+      if not path.endswith('.json'):
+        return cls(f.read().splitlines(), model_max_length=max_length)
+      try:
+        words = json.load(f)['words']
+      except (ValueError, KeyError, TypeError):
+        raise ValueError(f'{path}: not a {FILENAME} (a JSON object with a "words" list)') from None
+    return cls(words, model_max_length=max_length)
 
   def __len__(self) -> int:
     return len(self.vocab)
@@ -65,10 +92,30 @@ class WordTokenizer:
   def vocab_size(self) -> int:
     return len(self.vocab)
 
+  @property
+  def words(self) -> list:
+    """The vocabulary without the special tokens, in id order."""
+    return self.vocab[1:-2]
+
   def encode(self, text: str) -> list:
     """bos, the ids of the words (<unk> for unknown ones), eos; no padding or truncation."""
-    return ([self.bos_token_id] + [self._ids.get(w, self.unk_token_id) for w in words_of(text)]
-            + [self.eos_token_id])
+    return self._encode_all([text])[0]
+
+  def _encode_all(self, texts: Sequence[str]) -> list:
+    """encode of each text, with one warning for the unknown words of them all."""
+    words = [words_of(text) for text in texts]
+    self._warn_unknown([w for text_words in words for w in text_words])
+    return [[self.bos_token_id] + [self._ids.get(w, self.unk_token_id) for w in text_words]
+            + [self.eos_token_id] for text_words in words]
+
+  def _warn_unknown(self, words: Sequence[str]) -> None:
+    """Names the words outside the vocabulary that no warning has named yet: an <unk>
+    would otherwise go unnoticed (the model reads every such word the same)."""
+    unknown = [w for w in dict.fromkeys(words) if w not in self._ids and w not in self._warned]
+    if unknown:
+      self._warned.update(unknown)
+      logging.warning('WordTokenizer: %s not in the vocabulary of %d words; read as %s',
+                      ', '.join(map(repr, unknown)), len(self.words), UNK)
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     """The words of `ids`, space separated; bos/eos/padding are dropped unless asked for."""
@@ -89,7 +136,7 @@ class WordTokenizer:
                        "('max_length', 'longest' or True)")
     texts = [texts] if isinstance(texts, str) else list(texts)
     max_length = max_length or self.model_max_length
-    sequences = [self._truncate(self.encode(t), max_length, truncation) for t in texts]
+    sequences = [self._truncate(ids, max_length, truncation) for ids in self._encode_all(texts)]
     length = max_length if padding == 'max_length' else max(map(len, sequences), default=0)
     input_ids = np.full((len(sequences), length), self.pad_token_id, np.int32)
     attention_mask = np.zeros((len(sequences), length), np.int32)
@@ -111,7 +158,7 @@ class WordTokenizer:
     """Writes the vocabulary and max length to `path`/word_tokenizer.json."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, FILENAME), 'w') as f:
-      json.dump({'words': self.vocab[1:-2], 'model_max_length': self.model_max_length}, f,
+      json.dump({'words': self.words, 'model_max_length': self.model_max_length}, f,
                 indent=1)
 
   @classmethod

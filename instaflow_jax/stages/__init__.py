@@ -6,6 +6,7 @@ import ml_collections
 from absl import logging
 
 from instaflow_jax import config_checks
+from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.stages import distill
@@ -37,12 +38,19 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f'config.stages names unknown stage {unknown[0]!r}; known: {sorted(STAGES)}')
   config_checks.check_config(config)
   workdir_lib.ensure_workdir(workdir)
-  for stage in config.stages:
-    stage_dir = os.path.join(workdir, stage)
-    if loop.is_complete(stage_dir):
-      logging.info('stage %s: already complete in %s, skipped', stage, stage_dir)
-      continue
-    logging.info('stage %s: running in %s', stage, stage_dir)
-    summary = STAGES[stage](config, stage_dir)
-    loop.mark_complete(stage_dir, summary or {})
-    logging.info('stage %s: done %s', stage, json.dumps(summary or {}))
+  stored_text_side = pipeline_lib.store_text_side(config, workdir)
+  try:
+    for stage in config.stages:
+      stage_dir = os.path.join(workdir, stage)
+      if loop.is_complete(stage_dir):
+        logging.info('stage %s: already complete in %s, skipped', stage, stage_dir)
+        continue
+      logging.info('stage %s: running in %s', stage, stage_dir)
+      summary = STAGES[stage](config, stage_dir)
+      loop.mark_complete(stage_dir, summary or {})
+      logging.info('stage %s: done %s', stage, json.dumps(summary or {}))
+  except USER_ERRORS:
+    # Refused before any stage began: the text side this command stored goes too.
+    if stored_text_side and not workdir_lib.has_begun_stages(workdir):
+      pipeline_lib.remove_text_side(workdir)
+    raise

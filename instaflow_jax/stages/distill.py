@@ -107,7 +107,7 @@ def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[st
   if distill_config.init:
     train_flow.stage_params_path(workdir, distill_config.init, 'distill.init')
   lpips_module, lpips_params = load_lpips_if_needed(distill_config)
-  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
+  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
   teacher = train_flow.load_unet_params(
       pipeline_lib.base_unet(pipe.unet),
       train_flow.stage_params_path(workdir, distill_config.teacher, 'distill.teacher'),

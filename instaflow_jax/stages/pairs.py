@@ -70,7 +70,7 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
   layout.check_batch_size(pairs_config.batch_size, 'pairs.batch_size (per process)')
   workdir = os.path.dirname(stage_dir)
   train_flow.stage_params_path(workdir, pairs_config.teacher, 'pairs.teacher')
-  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
+  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
   teacher = train_flow.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs.teacher')
   params = parallel.put(dict(pipe.params, unet=teacher), layout.replicated)
   latent_shape = pipe.latent_shape

@@ -171,7 +171,8 @@ def train_flow_stage(config: ml_collections.ConfigDict, stage_dir: str,
                      stage: str) -> Mapping[str, Any]:
   """Stage 'rf' (independent noise) or 'reflow' (the teacher's coupled pairs)."""
   train_config = config[stage]
-  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed)
+  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed,
+                                           workdir=os.path.dirname(stage_dir))
   init_params = initial_unet_params(pipe, os.path.dirname(stage_dir), train_config.init,
                                     f'{stage}.init')
   data = training_input(config, stage_dir, pipe, train_config)
