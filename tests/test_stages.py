@@ -76,7 +76,7 @@ def test_pairs_resume_after_sigkill_is_complete_and_identical(quick_chain, tfds_
 def test_pairs_from_another_teacher_shape_are_refused(quick_chain, tfds_dir, tmp_path):
   shutil.copytree(os.path.join(quick_chain, 'pairs'), str(tmp_path / 'pairs'))
   config = quick_config(tfds_dir, 'reflow')
-  config.model.unet.sample_size = 8
+  config.model.unet.sample_size = config.data.image_size = 8
   config.reflow.init = ''
   with pytest.raises(ValueError, match=r'have latents of shape \(16, 16, 3\) but the model takes '
                                        r'\(8, 8, 3\): they come from a different teacher'):

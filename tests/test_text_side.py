@@ -193,6 +193,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pipeline_lib.diffusers_io, 'save_component', disk_full)
   workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
   with pytest.raises(OSError, match='disk full'):
     pipeline_lib.store_text_side(config, workdir)  # after the tokenizer was written
   assert os.listdir(workdir) == []
