@@ -420,10 +420,8 @@ def new_tokenizer(config: ml_collections.ConfigDict) -> WordTokenizer:
   model = config.model
   if model.get('vocabulary'):
     return WordTokenizer.from_vocabulary_file(model.vocabulary, model.max_length)
-  # Imported here: they import tfds and TensorFlow (and the stages import this module).
-  from instaflow_jax.data import input as input_lib
-  from instaflow_jax.stages import train_flow
-  captions = input_lib.all_captions(train_flow.input_config(config.data, config.data.train_split))
+  from instaflow_jax.data import input as input_lib  # imports tfds and TensorFlow
+  captions = input_lib.all_captions(input_lib.input_config(config.data, config.data.train_split))
   return WordTokenizer.from_captions(captions, model.max_length)
 
 

@@ -201,7 +201,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
 def test_all_captions_reads_every_caption(run):
   config, _, _ = run
-  input_config = train_flow.input_config(config.data, 'train')
+  input_config = input_lib.input_config(config.data, 'train')
   decoded = [input_lib.captions_of(example, 'caption')[0]
              for example in input_lib.open_source(input_config)]
   assert input_lib.all_captions(input_config, chunk_size=3) == decoded

@@ -47,6 +47,14 @@ class InputConfig:
   builder_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def input_config(data_config, split: str) -> InputConfig:
+  """The InputConfig of `split` of a config's `data` section."""
+  return InputConfig(
+      name=data_config.name, split=split, image_key=data_config.image_key,
+      caption_key=data_config.caption_key, image_size=data_config.image_size,
+      data_dir=data_config.data_dir or None)
+
+
 def open_source(config: InputConfig, captions_only: bool = False):
   """The tfds random-access source of `config.split`, preparing it (as array_record) if needed.
 

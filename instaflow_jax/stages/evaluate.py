@@ -53,7 +53,7 @@ EVALUATOR_DIR = 'evaluator'
 
 def real_examples(config: ml_collections.ConfigDict, split: str, count: int):
   """(images float [N, S, S, 3] in [0, 1], captions, examples) of the first `count`."""
-  source = input_lib.open_source(train_flow.input_config(config.data, split))
+  source = input_lib.open_source(input_lib.input_config(config.data, split))
   if count > len(source):
     raise ValueError(f'eval: {count} examples asked of {config.data.name}:{split}, which has '
                      f'{len(source)}; lower eval.num_prompts')

@@ -87,7 +87,7 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
   parallel.process_0_first('pairs meta', lambda: pairs_lib.write_meta(stage_dir, meta))
   workdir_lib.write_stage_config(stage_dir, config)
   solve = teacher_solver(pipe.modules, solver, layout)
-  source = input_lib.open_source(train_flow.input_config(config.data, pairs_config.split))
+  source = input_lib.open_source(input_lib.input_config(config.data, pairs_config.split))
   guided = rectified_flow.uses_guidance(pairs_config.guidance)
   batch = pairs_config.batch_size
   uncond_ids = pipe.tokenize([''] * batch) if guided else None

@@ -101,16 +101,9 @@ def flow_matching_loss(modules: pipeline_lib.PipelineModules, config: ml_collect
   return loss_fn
 
 
-def input_config(data_config: ml_collections.ConfigDict, split: str) -> input_lib.InputConfig:
-  return input_lib.InputConfig(
-      name=data_config.name, split=split, image_key=data_config.image_key,
-      caption_key=data_config.caption_key, image_size=data_config.image_size,
-      data_dir=data_config.data_dir or None)
-
-
 def sample_prompts(config: ml_collections.ConfigDict, count: int) -> list:
   """The first `count` captions of the held-out split: fixed prompts for sample grids."""
-  source = input_lib.open_source(input_config(config.data, config.data.eval_split))
+  source = input_lib.open_source(input_lib.input_config(config.data, config.data.eval_split))
   return [input_lib.captions_of(source[i], config.data.caption_key)[0] for i in range(count)]
 
 
@@ -158,7 +151,7 @@ def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, trai
   kwargs = dict(global_batch_size=train_config.batch_size, seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
   if not train_config.pairs:
-    return input_lib.create_input(input_config(config.data, config.data.train_split),
+    return input_lib.create_input(input_lib.input_config(config.data, config.data.train_split),
                                   pipe.tokenizer, **kwargs)
   pairs_dir = os.path.join(os.path.dirname(stage_dir), train_config.pairs)
   data = pairs_lib.PairsInput(pairs_dir, **kwargs)
