@@ -40,3 +40,9 @@ def quick_chain(tmp_path_factory, tfds_dir):
   result = runs.run_main(workdir, tfds_dir, stages=runs.CHAIN)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'slow: runs the chain, main in a subprocess, several processes or the large '
+      'parity checks; `pytest -m "not slow"` is the quick tier for the edit-test loop')

@@ -116,6 +116,7 @@ CASES = [Case(*case) for case in [
 ]]
 
 
+@pytest.mark.slow  # python -m instaflow_jax.main in a subprocess
 @pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
 def test_refused_in_one_line_with_the_workdir_unchanged(quick_chain, tfds_dir, tmp_path, case):
   workdir = str(tmp_path / 'w')
@@ -130,6 +131,7 @@ def test_refused_in_one_line_with_the_workdir_unchanged(quick_chain, tfds_dir, t
   assert tree_digest(workdir) == before
 
 
+@pytest.mark.slow  # python -m instaflow_jax.main in a subprocess
 def test_read_only_workdir_fails_in_one_line(tfds_dir):
   result = runs.run_main('/sys/instaflow_jax_workdir', tfds_dir)
   assert result.returncode != 0
@@ -138,6 +140,7 @@ def test_read_only_workdir_fails_in_one_line(tfds_dir):
       'choose another --workdir')
 
 
+@pytest.mark.slow  # python -m instaflow_jax.main in a subprocess
 def test_divergence_stops_with_a_command_that_resumes(tfds_dir, tmp_path):
   workdir = str(tmp_path / 'w')
   result = runs.run_main(workdir, tfds_dir, '--config.rf.optimizer.lr=1e30',

@@ -97,6 +97,7 @@ def test_matches_transformers(name, use_mask):
   _assert_close(pooled, ref.pooler_output.numpy())
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 def test_pools_at_expected_positions():
   config = CONFIGS['gelu_eos_7']
   model = CLIPTextModel(config)

@@ -17,6 +17,8 @@ from nbclient import NotebookClient
 from tests import runs
 from tests import tiny_models
 
+pytestmark = pytest.mark.slow  # executes the notebooks
+
 COLABS = os.path.join(runs.REPO, 'colabs')
 KERNEL = 'instaflow_jax_tests'
 IMAGE_LINK = re.compile(r'!\[[^\]]*\]\(([^)]+)\)')  # Markdown ![alt](path)

@@ -87,6 +87,7 @@ def test_round_trip_ours_diffusers_ours_is_bitwise(run, tmp_path, capsys):
   assert f'--config.<stage>.init={back}' in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 @torch.no_grad()
 def test_diffusers_loads_the_export_and_computes_our_images(run, tmp_path):
   from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -157,6 +158,7 @@ def test_bad_input_is_one_line_before_any_compute(run, tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'o')
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_module_runs_as_a_command(run):
   result = subprocess.run(
       [sys.executable, '-m', 'instaflow_jax.convert', f'--src={run["folder"]}',

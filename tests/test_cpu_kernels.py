@@ -166,6 +166,7 @@ def _run_python(code: str, **env) -> subprocess.CompletedProcess:
                         env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess with 8 CPU devices
 def test_a_mesh_of_cpu_devices_keeps_the_xla_formulation():
   """XLA would gather a sharded batch around a custom call: with 8 devices the layers use
   the XLA formulation, and a batch-sharded step needs no all-gather."""
@@ -204,6 +205,7 @@ def test_without_a_compiler_it_warns_once_and_uses_the_xla_formulation(tmp_path)
   assert not list((tmp_path / 'k').glob('*.so*'))  # nothing half-built left behind
 
 
+@pytest.mark.slow  # compiles the C++ kernels
 def test_the_build_is_cached_per_source_and_reused(tmp_path, monkeypatch):
   monkeypatch.setenv('INSTAFLOW_JAX_KERNEL_CACHE', str(tmp_path))
   first = cpu_kernels.built_library()

@@ -150,6 +150,7 @@ def test_a_failure_leaves_no_output(tmp_path):
   assert not new.exists() and os.listdir(existing) == ['old.png']
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_module_runs_as_a_command(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'instaflow_jax.generate', f'--model={tmp_path}',

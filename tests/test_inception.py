@@ -184,6 +184,7 @@ def test_state_dict_errors(weights_file):
     convert(state)
 
 
+@pytest.mark.slow  # FID Inception-v3 at 299px
 def test_eval_judge_measures_fid_features(weights_file, features_fn):
   """The eval stage's judge for photographs: pytorch-fid's features, no prompt metric
   without a CLIP model."""

@@ -22,6 +22,7 @@ def _lax_conv(x, kernel, strides, padding):
     (3, 1, 1, ((0, 0), (0, 0))),    # a 1x1 shortcut
     (13, 11, 4, ((2, 2), (2, 2))),  # AlexNet's first conv (LPIPS) on a small image
 ])
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 def test_conv_as_matmul_equals_the_convolution(size, kernel, stride, padding):
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, size, size + 1, 5), jnp.float32)
@@ -45,6 +46,7 @@ def test_conv_module_matches_lax_on_both_paths(size):
 
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 @pytest.mark.parametrize('height,width', [(1, 2), (3, 5), (8, 8)])  # phases: matmul, library
 def test_conv_of_upsampled_input_equals_the_convolution_of_the_upsampling(height, width):
   """Four 2x2 convolutions of the input, interleaved, for the 3x3 convolution of its 2x
@@ -127,6 +129,7 @@ def test_cpu_attention_keeps_no_weights_per_layer_for_the_backward_pass():
   assert growth['kernel'] < 2 * weights_bytes, growth
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 def test_recomputed_in_backward_gives_the_gradients_and_keeps_only_the_input():
   x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 32), jnp.float32)
   scale, bias = jnp.full((32,), 1.5), jnp.full((32,), 0.25)

@@ -121,6 +121,7 @@ def test_export_round_trip(net):
     assert torch.equal(value, original[key]), key
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 @pytest.mark.parametrize('net', NETS)
 def test_load_lpips_with_torchvision_trunk(net, tmp_path, monkeypatch):
   torch.manual_seed(1)

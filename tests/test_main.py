@@ -5,12 +5,15 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from configs import shapes
 from instaflow_jax import huge_pages
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 from tests import runs
+
+pytestmark = pytest.mark.slow  # runs the quick chain and python -m instaflow_jax.main
 
 
 def final_params(stage_dir):

@@ -23,6 +23,8 @@ from instaflow_jax.training import loop
 from tests import runs
 from tests import sharded_training
 
+pytestmark = pytest.mark.slow  # trains on device meshes and in several processes
+
 TOLERANCE = 1e-5
 
 

@@ -64,6 +64,7 @@ def _torch_unet(d: dict, seed: int):
   return tiny_models.perturb_(diffusers.UNet2DConditionModel(**d), seed=seed)
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 @pytest.mark.parametrize('dropped,keep_mid', DROPS)
 def test_matches_two_diffusers_unets_in_series(dropped, keep_mid):
   config = StackedUNetConfig(UNetConfig.from_diffusers_config(THREE_LEVELS), dropped, keep_mid)
@@ -95,6 +96,7 @@ def test_matches_two_diffusers_unets_in_series(dropped, keep_mid):
       np.testing.assert_array_equal(value.numpy(), state[key], err_msg=key)
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 def test_without_removal_halves_are_the_unet():
   """Both halves initialised from one U-Net: the first half's params run in that U-Net give
   its output bit for bit, and the stack is that U-Net applied twice."""
@@ -125,6 +127,7 @@ def three_level_params():
   return tiny_models.random_params(unet)
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 @pytest.mark.parametrize('dropped,keep_mid', DROPS[1:])
 def test_init_from_unet_selects_the_kept_blocks(three_level_params, dropped, keep_mid):
   unet_config = UNetConfig.from_diffusers_config(THREE_LEVELS)
@@ -207,6 +210,7 @@ def test_stands_in_the_pipeline_for_a_unet(tmp_path):
   np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
 
 
+@pytest.mark.slow  # traces SD 1.5's stacked U-Net
 def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
   c = instaflow_1_7b.get_config()
   assert c.stages == ('distill',) and c.model.unet_kind == 'stacked'

@@ -21,6 +21,8 @@ from instaflow_jax.training import loop
 from tests import runs
 from tests.test_main import quick_config
 
+pytestmark = pytest.mark.slow  # runs the quick chain and python -m instaflow_jax.main
+
 
 def read_pairs(pairs_dir):
   meta = pairs_lib.read_meta(pairs_dir)

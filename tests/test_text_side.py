@@ -21,6 +21,8 @@ from instaflow_jax.stages import train_flow
 from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 
+pytestmark = pytest.mark.slow  # trains a run of stage rf
+
 # Words the captioned-shapes vocabulary lacks ('handwritten', 'digit', 'seven', ...).
 CAPTIONS = ('a handwritten digit seven', 'a blurry digit one on grey paper',
             'two handwritten zeros', 'a red digit nine at the top')

@@ -125,6 +125,7 @@ def test_export_round_trip_is_bitwise(case):
     assert torch.equal(value, original[key]), key
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_config_round_trip_builds_the_same_torch_model(name):
   config = UNetConfig.from_diffusers_config(CASES[name][0])
@@ -191,6 +192,7 @@ def test_bfloat16_compute_stays_close(tiny):
   assert np.abs(np.asarray(ours, np.float32) - ref).max() <= 5e-2 * np.abs(ref).max()
 
 
+@pytest.mark.slow  # a sweep beside the parity test of the quick tier
 def test_remat_keeps_param_tree_and_outputs(tiny):
   plain = tiny['model']
   remat = UNet2DConditionModel(plain.config, remat_blocks=True)
