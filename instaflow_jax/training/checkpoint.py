@@ -68,15 +68,26 @@ def _extent(location: str, item_dir: str):
   return os.path.join(item_dir, base, name), int(offset) + int(length)
 
 
+def _check_extent(location: str, item_dir: str) -> None:
+  path, end = _extent(location, item_dir)
+  size = os.path.getsize(path) if os.path.exists(path) else None
+  if size is None or size < end:
+    found = 'missing' if size is None else f'{size} bytes'
+    raise DamagedCheckpointError(f'{path} is cut short ({found}, its index needs {end} bytes)')
+
+
 def check_complete(item_dir: str) -> None:
-  """CheckpointError naming the first file of an array checkpoint (Orbax's OCDBT store) that
-  is shorter than its index says, or missing: what a full disk or a copy that died leaves.
+  """DamagedCheckpointError naming the first file of an array checkpoint (Orbax's OCDBT
+  store) that is shorter than its index says, or missing: what a full disk or a copy that
+  died leaves.
 
   Read from the index alone (the B-tree nodes, not the arrays), so that a damaged checkpoint
   is found before a restore starts: a restore that fails midway leaves its other reads
   failing in the background, each with a traceback."""
   if '://' in item_dir:  # object stores write whole objects or nothing
     return
+  if not os.path.isfile(os.path.join(item_dir, 'manifest.ocdbt')):
+    return  # not an OCDBT store: its restore reports what it finds
   try:
     kvstore = ts.KvStore.open({'driver': 'file', 'path': item_dir + '/'}).result()
     nodes = [ts.ocdbt.dump(kvstore).result()['versions'][-1]['root']['location']]
@@ -91,14 +102,6 @@ def check_complete(item_dir: str) -> None:
             _check_extent(value, item_dir)
   except ValueError as e:  # the manifest or a node itself does not read
     raise DamagedCheckpointError(f'{item_dir}: {str(e).splitlines()[0]}') from None
-
-
-def _check_extent(location: str, item_dir: str) -> None:
-  path, end = _extent(location, item_dir)
-  size = os.path.getsize(path) if os.path.exists(path) else None
-  if size is None or size < end:
-    found = 'missing' if size is None else f'{size} bytes'
-    raise DamagedCheckpointError(f'{path} is cut short ({found}, its index needs {end} bytes)')
 
 
 STATE_ITEM = 'state'  # the train state's item in a checkpoint step directory
