@@ -18,6 +18,7 @@ from configs import shapes
 from instaflow_jax import config_checks
 from instaflow_jax.training import loop
 from tests import runs
+from tests.test_loop import damage
 from tests.test_main import final_params
 
 
@@ -53,11 +54,7 @@ def damage_every_checkpoint(quick_chain, workdir: str) -> None:
   """Each checkpoint's largest file cut to half, as a full disk leaves it."""
   stage_dir = interrupted_rf(quick_chain, workdir)
   for step in os.listdir(os.path.join(stage_dir, 'checkpoints')):
-    step_dir = os.path.join(stage_dir, 'checkpoints', step)
-    files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, 'r+b') as f:
-      f.truncate(os.path.getsize(largest) // 2)
+    damage(os.path.join(stage_dir, 'checkpoints', step))
 
 
 def nothing(quick_chain, workdir: str) -> None:

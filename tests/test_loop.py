@@ -141,7 +141,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     np.testing.assert_allclose(state.params['w'], results[0][0].params['w'], rtol=1e-6)
 
 
-def _damage(step_dir):
+def damage(step_dir):
   """Cuts the largest file of a checkpoint to half, as a full disk or a dead copy does."""
   files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names]
   largest = max(files, key=os.path.getsize)
@@ -152,7 +152,7 @@ def _damage(step_dir):
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
   with pytest.raises(Killed):
     run(tmp_path, toy_config(), kill_at=10)  # checkpoints 4 and 8
-  _damage(tmp_path / 'checkpoints' / '8')
+  damage(tmp_path / 'checkpoints' / '8')
   resumed = run(tmp_path, toy_config())
   np.testing.assert_array_equal(resumed['w'], run(tmp_path / 'ref', toy_config())['w'])
   assert os.listdir(tmp_path / checkpoint.REJECTED_DIR) == ['8-damaged']
@@ -162,7 +162,7 @@ def test_every_checkpoint_damaged_stops_in_one_line_and_moves_nothing(tmp_path):
   with pytest.raises(Killed):
     run(tmp_path, toy_config(), kill_at=10)
   for step in ('4', '8'):
-    _damage(tmp_path / 'checkpoints' / step)
+    damage(tmp_path / 'checkpoints' / step)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r'checkpoints/8 is damaged \(.*\) and no older checkpoint restores; '
                            r'delete .*checkpoints to restart the stage'):
