@@ -23,12 +23,12 @@ import ml_collections
 
 from configs import sd15_rf
 from configs import shapes
+from instaflow_jax import checkpoint
 from instaflow_jax import parallel
-from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import sampling
 from instaflow_jax.models.unet import UNet2DConditionModel
 from instaflow_jax.models.unet import UNetConfig
 from instaflow_jax.stages import train_flow
-from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 from instaflow_jax.training import state as state_lib
 
@@ -73,7 +73,7 @@ def analyse(config, mesh: dict, batch_size: int) -> dict:
   shardings = state_lib.state_shardings(
       abstract, layout.param_shardings(params, parallel.logical_axes(unet)), layout.replicated)
   step = loop.make_train_step(
-      train_flow.flow_matching_loss(pipeline_lib.PipelineModules(unet, None, None), train),
+      train_flow.flow_matching_loss(sampling.PipelineModules(unet, None, None), train),
       train.ema_decay, train.grad_accum_steps, layout, shardings)
   start = time.time()
   compiled = step.lower(checkpoint.with_shardings(abstract, shardings),

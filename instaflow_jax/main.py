@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from instaflow_jax import cli
 from instaflow_jax import huge_pages
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
@@ -115,29 +116,20 @@ def main(argv):
     sys.exit(f'error: {message}')
 
 
-def _one_line(error: Exception) -> str:
-  """The message of an error in one line (the last line of an embedded traceback)."""
-  text = str(error).replace('\\n', '\n').replace("\\'", "'")
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if any(line.startswith('Traceback') for line in lines):
-    lines = lines[-1:]
-  return ' '.join(' '.join(lines).split()).strip("'")
-
-
 def parse_flags(argv):
   """absl flag parsing, with config errors (unknown field, wrong type, missing file)
   reported in one line instead of a traceback."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'error: {_one_line(e)}')
+    sys.exit(f'error: {cli.one_line(e)}')
   except (AttributeError, KeyError) as e:
-    field = _one_line(e).replace("'", '')
+    field = cli.one_line(e).replace("'", '')
     sys.exit(f'error: config override names an unknown field: {field}')
   except OSError as e:  # overrides applied to a config file that did not load
     sys.exit(_config_not_loaded(e))
   except (ValueError, TypeError) as e:
-    sys.exit(f'error: bad config: {_one_line(e)}')
+    sys.exit(f'error: bad config: {cli.one_line(e)}')
 
 
 def run():

@@ -3,9 +3,8 @@ import os
 
 import ml_collections
 
+from instaflow_jax import checkpoint
 from instaflow_jax import workdir as workdir_lib
-from instaflow_jax.training import checkpoint
-from instaflow_jax.training import loop
 
 
 def diffusers_model_config(folder: str) -> ml_collections.ConfigDict:
@@ -20,7 +19,7 @@ def write_stage(workdir: str, stage: str, config: ml_collections.ConfigDict, par
   stage_dir = os.path.join(workdir, stage)
   workdir_lib.write_stage_config(stage_dir, config)
   if params is not None:
-    checkpoint.save_params(os.path.join(stage_dir, loop.FINAL_PARAMS), params)
+    checkpoint.save_params(os.path.join(stage_dir, workdir_lib.FINAL_PARAMS), params)
   if done:
-    loop.mark_complete(stage_dir, {})
+    workdir_lib.mark_complete(stage_dir, {})
   return stage_dir

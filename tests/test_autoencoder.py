@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.convert.torch_names import flax_to_torch_state
 from instaflow_jax.convert.torch_names import torch_state_to_flax
+from instaflow_jax.models.abstract import abstract_variables
 from instaflow_jax.models.autoencoder import AutoencoderConfig
 from instaflow_jax.models.autoencoder import AutoencoderKL
-from instaflow_jax.models.autoencoder import rename_legacy_vae_keys
-from tests import tiny_models
 from tests.tiny_models import perturb_
 
 _DOWN, _UP = 'DownEncoderBlock2D', 'UpDecoderBlock2D'
@@ -53,7 +53,7 @@ def _pair(name: str):
   config, _ = CONFIGS[name]
   vae = _torch_vae(config)
   model = AutoencoderKL(config)
-  params = torch_state_to_flax(_numpy_state(vae), tiny_models.abstract_variables(model),
+  params = torch_state_to_flax(_numpy_state(vae), abstract_variables(model),
                                source=f'diffusers {name}')
   return vae, model, params
 
@@ -110,7 +110,7 @@ def test_config_round_trip_and_diffusers_layout(name):
   assert AutoencoderConfig.from_diffusers_config(dict(vae.config)) == config
   model = AutoencoderKL(config)
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
-                                 tiny_models.abstract_variables(model))
+                                 abstract_variables(model))
   ours = flax_to_torch_state(zeros)
   theirs = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
   assert {k: v.shape for k, v in ours.items()} == theirs
@@ -151,7 +151,7 @@ def test_legacy_vae_keys_convert_to_the_same_params():
   state = _numpy_state(vae)
   legacy = _to_legacy(state)
   assert sum('.query.weight' in k for k in legacy) == 2  # encoder and decoder mid blocks
-  assert rename_legacy_vae_keys(state).keys() == state.keys()
-  converted = torch_state_to_flax(rename_legacy_vae_keys(legacy),
-                                  tiny_models.abstract_variables(model), source='legacy')
+  assert diffusers_io.rename_legacy_vae_keys(state).keys() == state.keys()
+  converted = torch_state_to_flax(diffusers_io.rename_legacy_vae_keys(legacy),
+                                  abstract_variables(model), source='legacy')
   jax.tree_util.tree_map(np.testing.assert_array_equal, converted, params)

@@ -12,11 +12,12 @@ import safetensors.numpy
 import torch
 
 from configs import shapes
+from instaflow_jax import checkpoint
+from instaflow_jax import convert_cli as cli
 from instaflow_jax import pipeline as pipeline_lib
-from instaflow_jax.convert import cli
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
-from instaflow_jax.stages import train_flow
-from instaflow_jax.training import checkpoint
+from instaflow_jax.stages import common
 from instaflow_jax.training.state import TrainState
 from tests import fake_runs
 from tests import runs
@@ -66,7 +67,7 @@ def error_of(*flags) -> str:
 
 def read_params(path, unet):
   """Params at `path` as a stage reads its `init` (an absolute path) for `unet`."""
-  return train_flow.initial_unet_params(types.SimpleNamespace(unet=unet), '', str(path),
+  return common.initial_unet_params(types.SimpleNamespace(unet=unet), '', str(path),
                                         'rf.init')
 
 
@@ -106,7 +107,7 @@ def test_diffusers_loads_the_export_and_computes_our_images(run, tmp_path):
   assert not np.allclose(parts['unet'].conv_in.weight.numpy(), base_weights['conv_in.weight'])
 
   ours = pipeline_lib.Pipeline.from_checkpoint(
-      pipeline_lib.find_trained_params(run['stage_dir']))
+      workdir_lib.find_trained_params(run['stage_dir']))
   latents = np.asarray(ours.initial_latents(len(PROMPTS), 16, 16, seed=5))
   expected = test_pipeline.reference_generate(parts, PROMPTS, latents, 1, 0.0)
   np.testing.assert_allclose(ours.generate(PROMPTS, latents=latents), expected, atol=2e-3, rtol=0)
@@ -118,12 +119,14 @@ def test_raw_or_ema_params_of_a_checkpoint_step(run, tmp_path):
   run_convert(f'--src={step_dir}', '--params=raw', f'--out={exported}')
   run_convert(f'--src={exported}', f'--out={back}')
   assert_same_params(read_params(back, run['unet']), run['raw'])
-  step = pipeline_lib.find_trained_params(step_dir)
-  assert_same_params(step.load(checkpoint.abstract_like(run['ema'])), run['ema'])
+  step = workdir_lib.find_trained_params(step_dir)
+  assert_same_params(
+      checkpoint.load_trained_params(step, checkpoint.abstract_like(run['ema'])), run['ema'])
   with pytest.raises(checkpoint.CheckpointError, match='its ema_params do not fit the model '
                      r'config: the checkpoint has parameter conv_norm_out/bias \(32,\), which '
                      'the model config lacks'):
-    step.load({'conv_in': checkpoint.abstract_like(run['ema']['conv_in'])})
+    checkpoint.load_trained_params(
+        step, {'conv_in': checkpoint.abstract_like(run['ema']['conv_in'])})
 
 
 def test_the_embedded_model_is_refused_with_the_reason(tmp_path):

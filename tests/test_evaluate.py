@@ -11,7 +11,6 @@ from instaflow_jax.data import shapes
 from instaflow_jax.evaluation import report
 from instaflow_jax.evaluation import shapes_evaluator as se
 from instaflow_jax.stages import evaluate
-from instaflow_jax.training import checkpoint
 
 MEASURES = ('fd', 'fidelity', 'count_fidelity', 'nfe', 'seconds_per_image', 'compile_seconds')
 
@@ -91,7 +90,7 @@ def test_cells_are_cut_in_position_order():
 
 def test_models_without_settings_or_params_fail_before_compute(tmp_path):
   config = shapes_config.get_config('quick').eval
-  with pytest.raises(checkpoint.CheckpointError, match="run stage 'rf' first"):
+  with pytest.raises(FileNotFoundError, match="run stage 'rf' first"):
     evaluate.check_models(config, str(tmp_path))
   config.models = ('rf', 'student')
   with pytest.raises(ValueError, match="eval.models names 'student' but eval.steps"):

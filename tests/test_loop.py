@@ -4,13 +4,14 @@ import signal
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from configs import shapes
-from instaflow_jax.training import checkpoint
+from instaflow_jax import checkpoint
+from instaflow_jax import workdir
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.training import loop
 from instaflow_jax.training import state as state_lib
 
@@ -60,7 +61,7 @@ def test_training_reduces_the_loss_and_writes_final_params(tmp_path):
   rows = loop.read_metrics(str(tmp_path / 'a'))
   losses = [r['loss'] for r in rows if 'loss' in r]
   assert len(losses) == 40 and losses[-1] < 0.5 * losses[0]
-  restored = checkpoint.load_params(str(tmp_path / 'a' / loop.FINAL_PARAMS),
+  restored = checkpoint.load_params(str(tmp_path / 'a' / workdir_lib.FINAL_PARAMS),
                                     checkpoint.abstract_like(params))
   np.testing.assert_array_equal(restored['w'], params['w'])
   assert sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['36', '40']  # keep 2
@@ -86,7 +87,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                            r'a lower toy.optimizer.lr \(now 0.1\) resumes from step 4'):
     run(tmp_path, toy_config(), fail_at=6)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
-  assert not loop.is_complete(str(tmp_path))
+  assert not workdir_lib.is_complete(str(tmp_path))
 
 
 def test_a_spike_before_the_nan_keeps_the_checkpoint_from_before_it(tmp_path):
@@ -109,7 +110,7 @@ def test_divergence_sets_aside_later_checkpoints_and_a_lower_lr_restarts(tmp_pat
                            r'toy.optimizer.lr \(now 1e\+30\) restarts the stage'):
     run(tmp_path, config)
   assert os.listdir(tmp_path / 'checkpoints') == []
-  assert os.listdir(tmp_path / checkpoint.REJECTED_DIR) == ['1-diverged']
+  assert os.listdir(tmp_path / workdir.REJECTED_DIR) == ['1-diverged']
   params = run(tmp_path, toy_config(checkpoint_every=1))
   np.testing.assert_array_equal(params['w'], run(tmp_path / 'ref', toy_config())['w'])
 
@@ -155,7 +156,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
   damage(tmp_path / 'checkpoints' / '8')
   resumed = run(tmp_path, toy_config())
   np.testing.assert_array_equal(resumed['w'], run(tmp_path / 'ref', toy_config())['w'])
-  assert os.listdir(tmp_path / checkpoint.REJECTED_DIR) == ['8-damaged']
+  assert os.listdir(tmp_path / workdir.REJECTED_DIR) == ['8-damaged']
 
 
 def test_every_checkpoint_damaged_stops_in_one_line_and_moves_nothing(tmp_path):

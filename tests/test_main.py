@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import shapes
+from instaflow_jax import checkpoint
 from instaflow_jax import huge_pages
-from instaflow_jax.training import checkpoint
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.training import loop
 from tests import runs
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow  # runs the quick chain and python -m instaflow_ja
 def final_params(stage_dir):
   import jax
   import orbax.checkpoint as ocp
-  path = os.path.join(stage_dir, loop.FINAL_PARAMS)
+  path = os.path.join(stage_dir, workdir_lib.FINAL_PARAMS)
   metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
   return checkpoint.load_params(path, abstract)
@@ -40,7 +41,7 @@ def quick_config(tfds_dir, *stage_names):
 
 def test_quick_run_writes_checkpoints_metrics_and_sample_grids(quick_chain):
   stage_dir = os.path.join(quick_chain, 'rf')
-  assert loop.is_complete(stage_dir)
+  assert workdir_lib.is_complete(stage_dir)
   assert os.path.isfile(os.path.join(stage_dir, 'config.json'))
   assert sorted(os.listdir(os.path.join(stage_dir, 'checkpoints'))) == ['20', '30']
   losses = [row['loss'] for row in loop.read_metrics(stage_dir) if 'loss' in row]
@@ -74,7 +75,7 @@ def test_resume_after_sigkill_is_exact(quick_chain, tfds_dir, tmp_path):
   assert tunable_set == huge_pages._huge_pages_only_when_advised()
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert not loop.is_complete(os.path.join(workdir, 'rf')), 'the run ended before the kill'
+  assert not workdir_lib.is_complete(os.path.join(workdir, 'rf')), 'the run ended before the kill'
 
   result = runs.run_main(workdir, tfds_dir)
   assert result.returncode == 0, result.stderr[-3000:]

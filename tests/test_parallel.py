@@ -14,11 +14,12 @@ import pytest
 from flax import serialization
 
 from configs import shapes
+from instaflow_jax import checkpoint
 from instaflow_jax import parallel
 from instaflow_jax import stages
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
-from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 from tests import runs
 from tests import sharded_training
@@ -154,7 +155,7 @@ def test_two_processes_match_one_process_with_four_devices(runs_dir):
     steps = [row['step'] for row in map(json.loads, f) if 'loss' in row]
   assert steps == [1, 2, 3]
   assert os.listdir(os.path.join(two, 'samples')) == ['step_000003.png']
-  assert loop.is_complete(two)
+  assert workdir_lib.is_complete(two)
 
 
 def restore_state(stage_dir):
@@ -179,4 +180,4 @@ def test_two_processes_write_each_pair_once(runs_dir):
   records = [data.source[i] for i in range(len(data))]
   indices = sorted(int(serialization.msgpack_restore(r)['index']) for r in records)
   assert indices == list(range(16))
-  assert loop.is_complete(pairs_dir)
+  assert workdir_lib.is_complete(pairs_dir)

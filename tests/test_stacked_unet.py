@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from configs import instaflow_1_7b
-from instaflow_jax.convert.torch_names import (expected_params, flax_to_torch_state,
-                                               torch_state_to_flax)
-from instaflow_jax.pipeline import Pipeline
+from instaflow_jax.convert.torch_names import flax_to_torch_state
+from instaflow_jax.convert.torch_names import torch_state_to_flax
+from instaflow_jax.models.abstract import abstract_variables, flat_param_shapes
 from instaflow_jax.models.stacked_unet import StackedUNet, StackedUNetConfig, init_from_unet
 from instaflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from instaflow_jax.pipeline import Pipeline
 from tests import tiny_models
 from tests.test_pipeline import PROMPTS, reference_generate
 from tests.test_unet import SD15
@@ -69,7 +70,7 @@ def _torch_unet(d: dict, seed: int):
 def test_matches_two_diffusers_unets_in_series(dropped, keep_mid):
   config = StackedUNetConfig(UNetConfig.from_diffusers_config(THREE_LEVELS), dropped, keep_mid)
   model = StackedUNet(config)
-  abstract = tiny_models.abstract_variables(model)['params']
+  abstract = abstract_variables(model)['params']
   reference = _reference_config(THREE_LEVELS, dropped, keep_mid)
   torch_halves = [_torch_unet(reference, seed) for seed in (1, 2)]
   states = [{k: v.numpy() for k, v in unet.state_dict().items()} for unet in torch_halves]
@@ -107,7 +108,7 @@ def test_without_removal_halves_are_the_unet():
   stacked = StackedUNet(config)
   params = init_from_unet(unet_params, config)
   assert (jax.tree.map(jnp.shape, params) ==
-          jax.tree.map(jnp.shape, nn.meta.unbox(tiny_models.abstract_variables(stacked)['params'])))
+          jax.tree.map(jnp.shape, nn.meta.unbox(abstract_variables(stacked)['params'])))
 
   sample, timesteps, text = _inputs(unet_config)
   apply_unet = jax.jit(lambda p, x: unet.apply({'params': p}, x, timesteps, text))
@@ -136,7 +137,7 @@ def test_init_from_unet_selects_the_kept_blocks(three_level_params, dropped, kee
   model = StackedUNet(config)
   params = init_from_unet(unet_params, config)
 
-  expected = expected_params(tiny_models.abstract_variables(model))
+  expected = flat_param_shapes(abstract_variables(model))
   flat = flax.traverse_util.flatten_dict(params)
   assert {path: (value.shape, value.dtype) for path, value in flat.items()} == expected
   full = flax.traverse_util.flatten_dict(unet_params)
@@ -222,7 +223,7 @@ def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
     config = StackedUNetConfig.from_dict(
         {'unet': SD15, 'num_dropped_levels': dropped, 'keep_mid': keep_mid})
     model = StackedUNet(config, dtype=jnp.dtype(c.model.compute_dtype), remat_blocks=c.model.remat)
-    shapes = expected_params(tiny_models.abstract_variables(model))
+    shapes = flat_param_shapes(abstract_variables(model))
     counts[dropped, keep_mid] = _count(shapes)
     print(f'stacked SD 1.5 U-Net, num_dropped_levels={dropped} keep_mid={keep_mid}: '
           f'{counts[dropped, keep_mid]:,} params')

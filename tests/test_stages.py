@@ -11,12 +11,14 @@ import pytest
 from array_record.python import array_record_data_source
 from flax import serialization
 
+from instaflow_jax import checkpoint
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import stages
+from instaflow_jax import text_side
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.models.stacked_unet import init_from_unet
-from instaflow_jax.stages import train_flow
-from instaflow_jax.training import checkpoint
+from instaflow_jax.stages import common
 from instaflow_jax.training import loop
 from tests import runs
 from tests.test_main import quick_config
@@ -33,7 +35,7 @@ def read_pairs(pairs_dir):
 
 def test_chain_completes_every_stage(quick_chain):
   for stage in runs.CHAIN:
-    assert loop.is_complete(os.path.join(quick_chain, stage)), stage
+    assert workdir_lib.is_complete(os.path.join(quick_chain, stage)), stage
   records = read_pairs(os.path.join(quick_chain, 'pairs'))
   assert [int(r['index']) for r in records] == list(range(64))
   assert records[0]['x0'].shape == records[0]['x1'].shape == (16, 16, 3)
@@ -88,9 +90,9 @@ def test_pairs_from_another_teacher_shape_are_refused(quick_chain, tfds_dir, tmp
 def test_distill_without_its_teacher_fails_before_compute(tfds_dir, tmp_path):
   config = quick_config(tfds_dir, 'distill')
   # The run's text side comes first (reading the dataset, preparing it if need be), untimed.
-  pipeline_lib.store_text_side(config, str(tmp_path))
+  text_side.store_text_side(config, str(tmp_path))
   started = time.time()
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(FileNotFoundError,
                      match=f"distill.teacher: checkpoint {tmp_path}/reflow/params not found; "
                            "run stage 'reflow' first"):
     stages.run_all(config, str(tmp_path))
@@ -122,7 +124,7 @@ def test_rf_fine_tunes_a_diffusers_pipeline_in_latent_space(tfds_dir, tmp_path):
                         num_samples=2, sample_steps=2, sample_guidance=1.5))
   stages.run_all(config, str(tmp_path / 'work'))
   stage_dir = str(tmp_path / 'work' / 'rf')
-  assert loop.is_complete(stage_dir)
+  assert workdir_lib.is_complete(stage_dir)
   losses = [r['loss'] for r in loop.read_metrics(stage_dir) if 'loss' in r]
   assert len(losses) == 2 and all(np.isfinite(losses))
   assert os.listdir(os.path.join(stage_dir, 'samples')) == ['step_000004.png']
@@ -140,13 +142,13 @@ def test_stacked_student_starts_from_the_2rf_and_is_distilled_by_it(quick_chain,
                          stages=('distill',))
   assert result.returncode == 0, result.stderr[-3000:]
   student = pipeline_lib.Pipeline.from_checkpoint(
-      pipeline_lib.find_trained_params(workdir, stage='distill'))
+      workdir_lib.find_trained_params(workdir, stage='distill'))
   assert set(student.unet_params) == {'unet_1', 'unet_2'}
   assert 'mid_block' not in student.unet_params['unet_1']
   # The start: both halves copied from the 2-RF's params.
-  reflow_params = os.path.join(workdir, 'reflow', loop.FINAL_PARAMS)
-  start = train_flow.load_unet_params(student.unet, reflow_params, 'init')
-  single = train_flow.load_unet_params(student.unet.base_unet(), reflow_params, 'init')
+  reflow_params = os.path.join(workdir, 'reflow', workdir_lib.FINAL_PARAMS)
+  start = common.load_unet_params(student.unet, reflow_params, 'init')
+  single = common.load_unet_params(student.unet.base_unet(), reflow_params, 'init')
   expected = init_from_unet(single, student.unet.config)
   assert jax.tree.all(jax.tree.map(np.array_equal, start, expected))
   assert checkpoint.top_level_names(reflow_params) >= {'conv_in', 'mid_block'}

@@ -11,15 +11,17 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import shapes as shapes_config
+from instaflow_jax import checkpoint
 from instaflow_jax import generate
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import stages
+from instaflow_jax import text_side
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import shapes
 from instaflow_jax.data.tokenizer import WordTokenizer
-from instaflow_jax.stages import train_flow
-from instaflow_jax.training import checkpoint
-from instaflow_jax.training import loop
+from instaflow_jax.models import abstract
+from instaflow_jax.stages import common
 
 pytestmark = pytest.mark.slow  # trains a run of stage rf
 
@@ -78,13 +80,13 @@ def run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(pipeline_lib.Pipeline, 'from_config', classmethod(recording))
     stages.run_all(config, workdir)
-  assert loop.is_complete(os.path.join(workdir, 'rf')) and len(built) == 1
+  assert workdir_lib.is_complete(os.path.join(workdir, 'rf')) and len(built) == 1
   return config, workdir, built[0]
 
 
 def stored_text_side(run):
   config, workdir, _ = run
-  return pipeline_lib.load_text_side(workdir, config.model)
+  return text_side.load_text_side(workdir, config.model)
 
 
 def assert_trees_equal(a, b):
@@ -100,7 +102,7 @@ def test_training_reads_the_captions_words_as_tokens(run):
   assert trained_with.tokenizer.vocab == stored.tokenizer.vocab
   assert_trees_equal(trained_with.text_encoder_params, stored.params)
   # The batches the stage trained on: every caption's words as their own tokens.
-  data = train_flow.training_input(config, os.path.join(workdir, 'rf'), trained_with, config.rf)
+  data = common.training_input(config, os.path.join(workdir, 'rf'), trained_with, config.rf)
   ids = data.batch(0)['input_ids']
   assert stored.tokenizer.unk_token_id not in ids
   assert {stored.tokenizer.decode(row) for row in ids} <= set(CAPTIONS)
@@ -108,14 +110,15 @@ def test_training_reads_the_captions_words_as_tokens(run):
 
 def test_generate_reproduces_the_training_pipelines_images(run):
   config, workdir, trained_with = run
-  prompts = train_flow.sample_prompts(config, config.rf.num_samples)
-  final = checkpoint.load_params(os.path.join(workdir, 'rf', loop.FINAL_PARAMS),
+  prompts = common.sample_prompts(config, config.rf.num_samples)
+  final = checkpoint.load_params(os.path.join(workdir, 'rf', workdir_lib.FINAL_PARAMS),
                                  checkpoint.abstract_like(trained_with.unet_params))
   # The stage's own sample grid function: its pipeline, prompts and noise.
-  trained = train_flow.make_sample_fn(trained_with, prompts, config.rf, config.seed)(final)
+  trained = common.make_sample_fn(trained_with, prompts, config.rf, config.seed)(final)
+  pipe = pipeline_lib.load_pipeline(pipeline_lib.find_model(workdir))
   generated, _ = generate.generate_images(
-      generate.load_pipeline(generate.find_model(workdir)), prompts, steps=config.rf.sample_steps,
-      guidance=config.rf.sample_guidance, seed=config.seed, batch_size=len(prompts))
+      pipe, prompts, steps=config.rf.sample_steps, guidance=config.rf.sample_guidance,
+      seed=config.seed, batch_size=len(prompts))
   assert generated.std() > 0.01, 'flat images would prove nothing'
   np.testing.assert_array_equal(generated, trained)  # tolerance 0
 
@@ -130,16 +133,16 @@ def test_changed_defaults_change_nothing_for_a_run(run, tmp_path, monkeypatch):
   changed = digits_config(str(tmp_path))
   changed.data.name = 'no_such_dataset'
   changed.model.text_seed = 999
-  pipeline_lib.store_text_side(changed, copy)
+  text_side.store_text_side(changed, copy)
   # And generate does not read the defaults of its stage's config.json.
-  config_path = os.path.join(copy, 'rf', pipeline_lib.STAGE_CONFIG)
+  config_path = os.path.join(copy, 'rf', workdir_lib.CONFIG_FILE)
   with open(config_path) as f:
     stage_config = json.load(f)
   stage_config['model'].update(text_seed=999, vocabulary=str(tmp_path / 'missing.txt'))
   with open(config_path, 'w') as f:
     json.dump(stage_config, f)
   monkeypatch.setattr(shapes, 'vocabulary', lambda: ('circle',))
-  loaded = pipeline_lib.Pipeline.from_checkpoint(pipeline_lib.find_trained_params(copy))
+  loaded = pipeline_lib.Pipeline.from_checkpoint(workdir_lib.find_trained_params(copy))
   assert loaded.tokenizer.vocab == stored.tokenizer.vocab
   assert_trees_equal(loaded.text_encoder_params, stored.params)
 
@@ -149,11 +152,11 @@ def test_a_run_from_before_text_sides_loads_as_before(run, tmp_path, caplog):
   shutil.copytree(os.path.join(workdir, 'rf'), str(tmp_path / 'old' / 'rf'))
   with caplog.at_level(logging.WARNING):
     loaded = pipeline_lib.Pipeline.from_checkpoint(
-        pipeline_lib.find_trained_params(str(tmp_path / 'old')))
+        workdir_lib.find_trained_params(str(tmp_path / 'old')))
   assert 'has no text/: a run from before text sides were stored' in caplog.text
   assert loaded.tokenizer.vocab == WordTokenizer.for_shapes().vocab
   assert_trees_equal(loaded.text_encoder_params,
-                     pipeline_lib.init_params(loaded.text_encoder, config.model.text_seed))
+                     abstract.init_params(loaded.text_encoder, config.model.text_seed))
 
 
 def test_unknown_words_are_named_once(caplog):
@@ -180,7 +183,7 @@ def test_a_vocabulary_file_gives_the_words_in_its_order(kind, tmp_path):
   config = digits_config(str(tmp_path))
   config.data.name = 'no_such_dataset'  # a vocabulary file: the captions are not read
   config.model.vocabulary = path
-  tokenizer = pipeline_lib.new_tokenizer(config)
+  tokenizer = text_side.new_tokenizer(config)
   assert tokenizer.words == words
   assert tokenizer.model_max_length == config.model.max_length
 
@@ -197,7 +200,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
   with pytest.raises(OSError, match='disk full'):
-    pipeline_lib.store_text_side(config, workdir)  # after the tokenizer was written
+    text_side.store_text_side(config, workdir)  # after the tokenizer was written
   assert os.listdir(workdir) == []
 
 

@@ -3,13 +3,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instaflow_jax.stages import common
 from instaflow_jax.stages import train_flow
 
 
 def test_cached_latents_and_embeddings_skip_the_frozen_networks():
   batch = {'latents': jnp.ones((2, 4, 4, 3)), 'text_embeds': jnp.full((2, 5, 8), 2.0)}
   # No modules and no frozen params: anything but the cached arrays would fail.
-  x1, embeds = train_flow.model_inputs(None, None, batch, jax.random.key(0))
+  x1, embeds = common.model_inputs(None, None, batch, jax.random.key(0))
   assert x1 is batch['latents'] and embeds is batch['text_embeds']
 
 

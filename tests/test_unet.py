@@ -2,16 +2,16 @@
 import json
 
 import diffusers
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from instaflow_jax.convert.torch_names import (expected_params, flax_to_torch_state, torch_key,
-                                               torch_state_to_flax)
+from instaflow_jax.convert.torch_names import flax_to_torch_state
+from instaflow_jax.convert.torch_names import torch_key
+from instaflow_jax.convert.torch_names import torch_state_to_flax
+from instaflow_jax.models.abstract import abstract_variables, flat_param_shapes
 from instaflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tests import tiny_models
 
@@ -71,7 +71,7 @@ def _our_torch_shapes(model) -> dict:
       return (shape[3], shape[2], shape[0], shape[1])
     return shape[::-1] if path[-1] == 'kernel' else shape
   return {torch_key(path): torch_shape(path, shape)
-          for path, (shape, _) in expected_params(tiny_models.abstract_variables(model)).items()}
+          for path, (shape, _) in flat_param_shapes(abstract_variables(model)).items()}
 
 
 def _inputs(config: dict, size, seed: int = 0):
@@ -99,7 +99,7 @@ def case(request):
   torch_model = tiny_models.perturb_(diffusers.UNet2DConditionModel(**d), seed=1)
   model = UNet2DConditionModel(UNetConfig.from_diffusers_config(d))
   state = {key: value.numpy() for key, value in torch_model.state_dict().items()}
-  params = torch_state_to_flax(state, tiny_models.abstract_variables(model), source=request.param)
+  params = torch_state_to_flax(state, abstract_variables(model), source=request.param)
   return dict(name=request.param, config=d, size=size, timesteps=timesteps,
               torch_model=torch_model, model=model, params=params)
 
@@ -178,7 +178,7 @@ def tiny():
   torch_model = tiny_models.perturb_(diffusers.UNet2DConditionModel(**d), seed=2)
   model = UNet2DConditionModel(UNetConfig.from_diffusers_config(d))
   state = {key: value.numpy() for key, value in torch_model.state_dict().items()}
-  params = torch_state_to_flax(state, tiny_models.abstract_variables(model), source='tiny')
+  params = torch_state_to_flax(state, abstract_variables(model), source='tiny')
   sample, context = _inputs(d, (8, 8))
   return dict(model=model, params={'params': params}, torch_model=torch_model, sample=sample,
               context=context, x=sample.transpose(0, 2, 3, 1))
@@ -196,14 +196,14 @@ def test_bfloat16_compute_stays_close(tiny):
 def test_remat_keeps_param_tree_and_outputs(tiny):
   plain = tiny['model']
   remat = UNet2DConditionModel(plain.config, remat_blocks=True)
-  abstract = tiny_models.abstract_variables(plain)
+  abstract = abstract_variables(plain)
   # Same paths, shapes, dtypes and logical axis names.
-  assert tiny_models.abstract_variables(remat) == abstract
+  assert abstract_variables(remat) == abstract
 
   args = (tiny['params'], tiny['x'], TIMESTEPS, tiny['context'])
   eqns = jax.make_jaxpr(remat.apply)(*args).eqns
   checkpointed = sum('remat' in e.primitive.name or e.primitive.name == 'checkpoint' for e in eqns)
-  blocks = {path[:2] for path in expected_params(abstract)
+  blocks = {path[:2] for path in flat_param_shapes(abstract)
             if path[1].startswith(('resnets_', 'attentions_'))}
   assert checkpointed == len(blocks)
   np.testing.assert_array_equal(jax.jit(remat.apply)(*args), jax.jit(plain.apply)(*args))

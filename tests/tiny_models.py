@@ -3,10 +3,11 @@ import json
 import os
 import string
 
-import flax.linen as nn
 import jax
 import numpy as np
 import torch
+
+from instaflow_jax.models.abstract import abstract_params
 
 # A CLIP BPE vocabulary of single letters: every lowercase word tokenizes, letter by letter.
 _LETTERS = list(string.ascii_lowercase)
@@ -28,15 +29,10 @@ def write_tiny_clip_tokenizer(path: str):
   return tokenizer
 
 
-def abstract_variables(module):
-  """The shapes and dtypes of `module`'s variables, traced, not computed."""
-  return jax.eval_shape(module.init, jax.random.key(0), *module.example_inputs())
-
-
 def random_params(module, seed: int = 0):
   """`module`'s params filled with N(0, 0.1^2) noise from numpy: distinct values without
-  compiling its init, whose random draws alone take XLA:CPU 15-25 s for a small U-Net."""
-  abstract = nn.meta.unbox(abstract_variables(module))['params']
+  compiling its init, whose random draws alone take XLA:CPU long to compile for a small U-Net."""
+  abstract = abstract_params(module)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: np.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), abstract)
 

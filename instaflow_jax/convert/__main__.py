@@ -1,8 +1,8 @@
-"""python -m instaflow_jax.convert: see instaflow_jax/convert/cli.py."""
-from instaflow_jax import generate
-from instaflow_jax.convert import cli
+"""python -m instaflow_jax.convert: see instaflow_jax/convert_cli.py."""
+from instaflow_jax import cli
+from instaflow_jax import convert_cli
 
-__doc__ = cli.__doc__  # what --help prints
+__doc__ = convert_cli.__doc__  # what --help prints
 
 if __name__ == '__main__':
-  generate.run_main(cli.main)
+  cli.run_main(convert_cli.main)

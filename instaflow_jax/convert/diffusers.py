@@ -8,6 +8,7 @@ safetensors file exists, from `*.bin` with torch.load(weights_only=True).
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Any, Callable, Dict, Mapping, Tuple
 
@@ -20,9 +21,9 @@ from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.convert.torch_names import flax_to_torch_state
 from instaflow_jax.convert.torch_names import read_torch_file
 from instaflow_jax.convert.torch_names import torch_state_to_flax
+from instaflow_jax.models.abstract import abstract_variables
 from instaflow_jax.models.autoencoder import AutoencoderConfig
 from instaflow_jax.models.autoencoder import AutoencoderKL
-from instaflow_jax.models.autoencoder import rename_legacy_vae_keys
 from instaflow_jax.models.clip_text import CLIPTextConfig
 from instaflow_jax.models.clip_text import CLIPTextModel
 from instaflow_jax.models.unet import UNet2DConditionModel
@@ -36,6 +37,31 @@ def _text_encoder_keys(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   without that prefix. Older ones also carry the non-trainable position_ids buffer."""
   return {(k if k.startswith('text_model.') else 'text_model.' + k): v
           for k, v in state.items() if not k.endswith('embeddings.position_ids')}
+
+
+_LEGACY_ATTENTION = re.compile(r'^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$')
+_LEGACY_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+_ATTENTION_WEIGHT = re.compile(r'\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$')
+
+
+def rename_legacy_vae_keys(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Brings an older diffusers VAE state dict to today's names.
+
+  Older files name the mid-block attention projections query/key/value/proj_attn (diffusers
+  renames them on load, see ModelMixin._fix_state_dict_keys_on_load), and some store them as
+  1x1 convolutions [out, in, 1, 1]; they become to_q/to_k/to_v/to_out.0 Linear weights
+  [out, in]. Every other key passes unchanged.
+  """
+  renamed = {}
+  for key, array in state.items():
+    match = _LEGACY_ATTENTION.match(key)
+    if match:
+      prefix, name, leaf = match.groups()
+      key = f'{prefix}.{_LEGACY_NAMES[name]}.{leaf}'
+    if _ATTENTION_WEIGHT.search(key) and np.ndim(array) == 4 and np.shape(array)[2:] == (1, 1):
+      array = np.reshape(array, np.shape(array)[:2])
+    renamed[key] = array
+  return renamed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +136,6 @@ def read_state_dict(component_dir: str, stem: str) -> Tuple[Dict[str, np.ndarray
                         f'{stem}.safetensors.index.json or {stem}.bin)')
 
 
-def abstract_variables(module) -> Any:
-  """Shapes and dtypes of `module.init`, without computing anything."""
-  return jax.eval_shape(module.init, jax.random.key(0), *module.example_inputs())
-
-
 def load_component(folder: str, name: str, dtype=jnp.float32):
   """(config, module, params) of component `name` of a pipeline folder."""
   spec = COMPONENTS[name]
@@ -178,3 +199,30 @@ def _diffusers_version() -> str:
     return version('diffusers')
   except Exception:  # diffusers is optional at run time; any recent version reads the index
     return '0.30.0'
+
+
+def save_pipeline(path: str, networks: Mapping[str, Tuple[Any, Any]], tokenizer,
+                  base: str = None) -> None:
+  """Writes a diffusers folder that diffusers/transformers `from_pretrained` load.
+
+  networks: {component: (config, params)} of each of COMPONENTS. The components we do not
+  convert (scheduler, safety checker, ...) are copied from the folder `base`, when given,
+  and its model_index.json is kept with our components' entries."""
+  os.makedirs(path, exist_ok=True)
+  for name in COMPONENTS:
+    save_component(path, name, *networks[name])
+  tokenizer.save_pretrained(os.path.join(path, 'tokenizer'))
+  base_index = read_model_index(base) if base else {}
+  for name, entry in base_index.items():
+    converted = name in COMPONENTS or name == 'tokenizer'
+    if (not converted and isinstance(entry, list) and entry[0] is not None
+        and os.path.isdir(os.path.join(base, name))):
+      copy_component(base, path, name)
+  components = {name: (spec.library, spec.class_name) for name, spec in COMPONENTS.items()}
+  components['tokenizer'] = ('transformers', 'CLIPTokenizer')
+  write_json(os.path.join(path, MODEL_INDEX), model_index_for(components, base_index or None))
+
+
+def is_pipeline_folder(path: str) -> bool:
+  """Whether `path` is a diffusers pipeline folder (it has a model_index.json)."""
+  return os.path.isfile(os.path.join(path, MODEL_INDEX))

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instaflow_jax.convert.diffusers import abstract_variables
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.convert.torch_names import read_torch_file
 from instaflow_jax.convert.torch_names import torch_key
 from instaflow_jax.convert.torch_names import torch_state_to_flax
+from instaflow_jax.models.abstract import abstract_variables
 from instaflow_jax.models.inception import FIDInceptionV3
 
 WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instaflow_jax.convert.diffusers import abstract_variables
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.convert.torch_names import read_torch_file
 from instaflow_jax.convert.torch_names import torch_state_to_flax
+from instaflow_jax.models.abstract import abstract_variables
 from instaflow_jax.models.lpips import INPUT_SCALE
 from instaflow_jax.models.lpips import INPUT_SHIFT
 from instaflow_jax.models.lpips import LPIPS

@@ -21,6 +21,8 @@ import flax
 import flax.linen as nn
 import numpy as np
 
+from instaflow_jax.models.abstract import flat_param_shapes
+
 # Torch module names that end in _<digit> themselves (diffusers' TimestepEmbedding), and
 # so are not list indices.
 _LITERAL_NAMES = frozenset({'linear_1', 'linear_2'})
@@ -69,20 +71,12 @@ def _torch_shape(leaf: str, flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
   return tuple(flax_shape)
 
 
-def expected_params(abstract_variables) -> Dict[Tuple[str, ...], Tuple[Tuple[int, ...], np.dtype]]:
-  """Flat {path: (shape, dtype)} of the 'params' collection of eval_shape(init)."""
-  params = nn.meta.unbox(abstract_variables)
-  params = params.get('params', params)
-  return {path: (tuple(leaf.shape), leaf.dtype)
-          for path, leaf in flax.traverse_util.flatten_dict(params).items()}
-
-
 def torch_state_to_flax(state: Mapping[str, np.ndarray], abstract_variables, source: str):
   """A torch state dict -> Flax params, checked key by key against the expected tree.
 
   `source` names the file(s) the state came from, for the error messages.
   """
-  expected = expected_params(abstract_variables)
+  expected = flat_param_shapes(abstract_variables)
   by_key = {torch_key(path): path for path in expected}
   unexpected = sorted(set(state) - set(by_key))
   if unexpected:

@@ -3,17 +3,15 @@
 Module and parameter names follow diffusers' module tree (encoder/down_blocks_0/resnets_0/...,
 encoder/mid_block/attentions_0/to_q, quant_conv, post_quant_conv, decoder/up_blocks_0/...), so a
 diffusers state dict converts with the shared rename rule in instaflow_jax/convert/torch_names.py.
-Older diffusers files name the mid-block attention weights differently; `rename_legacy_vae_keys`
-brings them to today's names first.
+Older diffusers files name the mid-block attention weights differently; the converter
+(convert/diffusers.py) brings them to today's names first.
 """
 import dataclasses
-import re
 from typing import Any, Dict, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from instaflow_jax.models import layers
 
@@ -110,31 +108,6 @@ class AutoencoderConfig:
       value = getattr(self, f.name)
       d[f.name] = list(value) if isinstance(value, tuple) else value
     return d
-
-
-_LEGACY_ATTENTION = re.compile(r'^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$')
-_LEGACY_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
-_ATTENTION_WEIGHT = re.compile(r'\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$')
-
-
-def rename_legacy_vae_keys(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """Brings an older diffusers VAE state dict to today's names.
-
-  Older files name the mid-block attention projections query/key/value/proj_attn (diffusers
-  renames them on load, see ModelMixin._fix_state_dict_keys_on_load), and some store them as
-  1x1 convolutions [out, in, 1, 1]; they become to_q/to_k/to_v/to_out.0 Linear weights
-  [out, in]. Every other key passes unchanged.
-  """
-  renamed = {}
-  for key, array in state.items():
-    match = _LEGACY_ATTENTION.match(key)
-    if match:
-      prefix, name, leaf = match.groups()
-      key = f'{prefix}.{_LEGACY_NAMES[name]}.{leaf}'
-    if _ATTENTION_WEIGHT.search(key) and np.ndim(array) == 4 and np.shape(array)[2:] == (1, 1):
-      array = np.reshape(array, np.shape(array)[:2])
-    renamed[key] = array
-  return renamed
 
 
 def _resnet(config: AutoencoderConfig, out_channels: int, name: str, kw: dict) -> nn.Module:

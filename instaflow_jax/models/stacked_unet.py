@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from instaflow_jax.convert.torch_names import expected_params
+from instaflow_jax.models import abstract
 from instaflow_jax.models import unet as unet_lib
 
 Dtype = Any
@@ -161,7 +161,7 @@ class StackedUNet(nn.Module):
 def _half_param_shapes(config: StackedUNetConfig):
   """{path: (shape, dtype)} of one half's params, computed abstractly."""
   half = _half(config)
-  return expected_params(jax.eval_shape(half.init, jax.random.key(0), *half.example_inputs()))
+  return abstract.flat_param_shapes(abstract.abstract_variables(half))
 
 
 def init_from_unet(unet_params, config: StackedUNetConfig) -> Dict[str, Any]:
@@ -185,3 +185,8 @@ def init_from_unet(unet_params, config: StackedUNetConfig) -> Dict[str, Any]:
     return flax.traverse_util.unflatten_dict({path: jnp.array(flat[path]) for path in wanted})
 
   return {'unet_1': half(), 'unet_2': half()}
+
+
+def base_unet(unet: Union[unet_lib.UNet2DConditionModel, StackedUNet]):
+  """The single U-Net a model is built from: itself, or a stack's (the teacher's model)."""
+  return unet.base_unet() if isinstance(unet, StackedUNet) else unet

@@ -6,14 +6,12 @@ import ml_collections
 from absl import logging
 
 from instaflow_jax import config_checks
-from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
-from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.stages import distill
 from instaflow_jax.stages import evaluate
 from instaflow_jax.stages import pairs
 from instaflow_jax.stages import train_flow
-from instaflow_jax.training import checkpoint
 from instaflow_jax.training import loop
 
 STAGES = {
@@ -25,9 +23,9 @@ STAGES = {
 }
 
 # Errors that a user can fix (bad config, missing or corrupt inputs, divergence): main
-# reports them in one line and exits non-zero.
-USER_ERRORS = (ValueError, OSError, ConversionError, checkpoint.CheckpointError,
-               loop.NonFiniteLossError)
+# reports them in one line and exits non-zero. ValueError and OSError include
+# convert's ConversionError and checkpoint.CheckpointError.
+USER_ERRORS = (ValueError, OSError, loop.NonFiniteLossError)
 
 
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -38,19 +36,19 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f'config.stages names unknown stage {unknown[0]!r}; known: {sorted(STAGES)}')
   config_checks.check_config(config)
   workdir_lib.ensure_workdir(workdir)
-  stored_text_side = pipeline_lib.store_text_side(config, workdir)
+  stored_text_side = text_side.store_text_side(config, workdir)
   try:
     for stage in config.stages:
       stage_dir = os.path.join(workdir, stage)
-      if loop.is_complete(stage_dir):
+      if workdir_lib.is_complete(stage_dir):
         logging.info('stage %s: already complete in %s, skipped', stage, stage_dir)
         continue
       logging.info('stage %s: running in %s', stage, stage_dir)
       summary = STAGES[stage](config, stage_dir)
-      loop.mark_complete(stage_dir, summary or {})
+      workdir_lib.mark_complete(stage_dir, summary or {})
       logging.info('stage %s: done %s', stage, json.dumps(summary or {}))
   except USER_ERRORS:
     # Refused before any stage began: the text side this command stored goes too.
     if stored_text_side and not workdir_lib.has_begun_stages(workdir):
-      pipeline_lib.remove_text_side(workdir)
+      text_side.remove_text_side(workdir)
     raise

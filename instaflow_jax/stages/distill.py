@@ -19,9 +19,12 @@ import ml_collections
 
 from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import sampling
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
-from instaflow_jax.stages import train_flow
+from instaflow_jax.models import stacked_unet
+from instaflow_jax.stages import common
 from instaflow_jax.training import loop
 
 LATENT_LOSSES = ('l2', 'pseudo_huber')
@@ -66,12 +69,12 @@ def teacher_target(teacher_unet, frozen, x0, embeds, config):
 def distillation_loss(modules, config, lpips_module=None):
   """loss_fn(params, frozen, batch, rng, step) of the student. The teacher is the single
   U-Net the student is built from (itself, or the one a stacked student copies twice)."""
-  teacher_unet = pipeline_lib.base_unet(modules.unet)
+  teacher_unet = stacked_unet.base_unet(modules.unet)
 
   def per_example(kind, frozen, prediction, target):
     if kind in LATENT_LOSSES:
       return rectified_flow.per_example_loss(prediction, target, kind)
-    to_lpips = lambda z: pipeline_lib.decode_to_images(modules, frozen, z) * 2.0 - 1.0
+    to_lpips = lambda z: sampling.decode_to_images(modules, frozen, z) * 2.0 - 1.0
     distance = lpips_module.apply({'params': frozen['lpips']}, to_lpips(prediction),
                                   to_lpips(target))
     if kind == 'lpips_huber':
@@ -82,9 +85,9 @@ def distillation_loss(modules, config, lpips_module=None):
     latent_rng, noise_rng = jax.random.split(rng)
     if 'latents' in batch and 'x0' in batch:  # stored pairs
       x0, x1 = batch['x0'], batch['latents']
-      embeds = pipeline_lib.encode_text(modules, frozen, batch['input_ids'])
+      embeds = sampling.encode_text(modules, frozen, batch['input_ids'])
     else:
-      reference, embeds = train_flow.model_inputs(modules, frozen, batch, latent_rng)
+      reference, embeds = common.model_inputs(modules, frozen, batch, latent_rng)
       x0 = jax.random.normal(noise_rng, reference.shape, reference.dtype)
       x1 = teacher_target(teacher_unet, frozen, x0, embeds, config)
     prediction = student_sample(modules, params, x0, embeds, config.student_steps)
@@ -103,26 +106,26 @@ def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[st
   distill_config = config.distill
   workdir = os.path.dirname(stage_dir)
   # Everything that can be missing is checked before the first compile.
-  train_flow.stage_params_path(workdir, distill_config.teacher, 'distill.teacher')
+  workdir_lib.stage_params_path(workdir, distill_config.teacher, 'distill.teacher')
   if distill_config.init:
-    train_flow.stage_params_path(workdir, distill_config.init, 'distill.init')
+    workdir_lib.stage_params_path(workdir, distill_config.init, 'distill.init')
   lpips_module, lpips_params = load_lpips_if_needed(distill_config)
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
-  teacher = train_flow.load_unet_params(
-      pipeline_lib.base_unet(pipe.unet),
-      train_flow.stage_params_path(workdir, distill_config.teacher, 'distill.teacher'),
+  teacher = common.load_unet_params(
+      stacked_unet.base_unet(pipe.unet),
+      workdir_lib.stage_params_path(workdir, distill_config.teacher, 'distill.teacher'),
       'distill.teacher')
-  student = train_flow.initial_unet_params(pipe, workdir, distill_config.init, 'distill.init')
-  frozen = dict(train_flow.frozen_params(pipe), teacher=teacher)
+  student = common.initial_unet_params(pipe, workdir, distill_config.init, 'distill.init')
+  frozen = dict(common.frozen_params(pipe), teacher=teacher)
   if lpips_module is not None:
     frozen['lpips'] = lpips_params
-  data = train_flow.training_input(config, stage_dir, pipe, distill_config)
+  data = common.training_input(config, stage_dir, pipe, distill_config)
   loop.train(
       distill_config, stage_dir, stage='distill', init_params=student, frozen=frozen,
       loss_fn=distillation_loss(pipe.modules, distill_config, lpips_module),
       batches=data.batches,
-      sample_fn=train_flow.make_sample_fn(
-          pipe, train_flow.sample_prompts(config, distill_config.num_samples), distill_config,
+      sample_fn=common.make_sample_fn(
+          pipe, common.sample_prompts(config, distill_config.num_samples), distill_config,
           config.seed),
       seed=config.seed, param_axes=parallel.logical_axes(pipe.unet), run_config=config)
   return {'steps': distill_config.steps, 'student_steps': distill_config.student_steps}

@@ -22,9 +22,9 @@ real held-out images is part of the report. Writes eval/metrics.json, eval/repor
 PNGs: FD vs steps, FD vs seconds per image, and one grid of the same prompts and noise
 across models at one step and the teacher at its most steps.
 """
+import functools
 import json
 import os
-import time
 from typing import Any, Mapping
 
 import jax
@@ -33,7 +33,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from instaflow_jax import checkpoint
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.convert import inception_weights
@@ -44,8 +46,6 @@ from instaflow_jax.evaluation import frechet
 from instaflow_jax.evaluation import report
 from instaflow_jax.evaluation import shapes_evaluator
 from instaflow_jax.flow import samplers
-from instaflow_jax.stages import train_flow
-from instaflow_jax.training import checkpoint
 
 _NOISE_STREAM = 0x6576616c  # 'eval': the held-out noise, apart from other uses of the seed
 EVALUATOR_DIR = 'evaluator'
@@ -113,7 +113,7 @@ def check_models(eval_config, workdir: str) -> None:
     if folder:
       diffusers_io.read_model_index(folder)
     else:
-      train_flow.stage_params_path(workdir, model, f'eval.models ({model})')
+      workdir_lib.stage_params_path(workdir, model, f'eval.models ({model})')
 
 
 def model_pipeline(eval_config, workdir: str, model: str) -> pipeline_lib.Pipeline:
@@ -123,7 +123,7 @@ def model_pipeline(eval_config, workdir: str, model: str) -> pipeline_lib.Pipeli
   if folder:
     return pipeline_lib.Pipeline.from_diffusers(folder)
   return pipeline_lib.Pipeline.from_checkpoint(
-      pipeline_lib.find_trained_params(workdir, stage=model))
+      workdir_lib.find_trained_params(workdir, stage=model))
 
 
 def generate_all(pipe, params, captions, noise, guidance: float, solver, batch_size: int):
@@ -132,27 +132,21 @@ def generate_all(pipe, params, captions, noise, guidance: float, solver, batch_s
   uncond = lambda count: pipe.tokenize([''] * count) if guidance > 1.0 else None
 
   def run(start, stop):
-    began = time.perf_counter()
-    images, solution = pipeline_lib.sample_images(
+    images, solution = sampling.sample_images(
         pipe.modules, params, pipe.tokenize(captions[start:stop]), uncond(stop - start),
         noise[start:stop], jnp.float32(guidance), solver)
-    images = np.asarray(images)
-    return images, solution, time.perf_counter() - began
+    return np.asarray(images), solution
 
   batches = [(start, min(start + batch_size, len(captions)))
              for start in range(0, len(captions), batch_size)]
-  outputs = [run(*batch) for batch in batches]
-  # With a single batch, run it again to time it without compilation.
-  timed, timed_batches = (outputs[1:], batches[1:]) if len(batches) > 1 else (
-      [run(*batches[0])], batches)
-  per_image = sum(t for _, _, t in timed) / sum(stop - start for start, stop in timed_batches)
-  first_count = batches[0][1] - batches[0][0]
-  return np.concatenate([images for images, _, _ in outputs]), {
-      'nfe': float(np.mean([int(s.nfe) for _, s, _ in outputs])),
+  outputs, timing = sampling.timed_batches([functools.partial(run, *batch) for batch in batches],
+                                           [stop - start for start, stop in batches])
+  return np.concatenate([images for images, _ in outputs]), {
+      'nfe': float(np.mean([int(s.nfe) for _, s in outputs])),
       'straightness': float(np.mean(np.concatenate([np.asarray(s.straightness)
-                                                    for _, s, _ in outputs]))),
-      'seconds_per_image': per_image,
-      'compile_seconds': max(outputs[0][2] - per_image * first_count, 0.0)}
+                                                    for _, s in outputs]))),
+      'seconds_per_image': timing.per_image_s,
+      'compile_seconds': timing.compile_s}
 
 
 class ShapesJudge:

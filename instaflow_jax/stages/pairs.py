@@ -20,12 +20,13 @@ from absl import logging
 
 from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
-from instaflow_jax.stages import train_flow
+from instaflow_jax.stages import common
 
 _NOISE_STREAM = 0x70616972  # 'pair': keeps pair noise apart from other uses of the seed
 
@@ -50,12 +51,12 @@ def solver_of(config: ml_collections.ConfigDict) -> samplers.Solver:
   return samplers.Solver(config.solver, config.num_steps, config.rtol, config.atol)
 
 
-def teacher_solver(modules: pipeline_lib.PipelineModules, solver: samplers.Solver,
+def teacher_solver(modules: sampling.PipelineModules, solver: samplers.Solver,
                    layout: parallel.Layout):
   """(params, token_ids, uncond_ids, x0, guidance) -> (X1, NFE), compiled for `layout`:
   params replicated, the batch split over the batch axes."""
   def solve(params, token_ids, uncond_ids, x0, guidance):
-    solution = pipeline_lib.sample_latents(modules, params, token_ids, uncond_ids, x0,
+    solution = sampling.sample_latents(modules, params, token_ids, uncond_ids, x0,
                                            guidance, solver)
     return solution.x1, solution.nfe
 
@@ -69,9 +70,9 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
   layout = parallel.data_parallel(jax.local_devices())
   layout.check_batch_size(pairs_config.batch_size, 'pairs.batch_size (per process)')
   workdir = os.path.dirname(stage_dir)
-  train_flow.stage_params_path(workdir, pairs_config.teacher, 'pairs.teacher')
+  workdir_lib.stage_params_path(workdir, pairs_config.teacher, 'pairs.teacher')
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
-  teacher = train_flow.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs.teacher')
+  teacher = common.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs.teacher')
   params = parallel.put(dict(pipe.params, unet=teacher), layout.replicated)
   latent_shape = pipe.latent_shape
   solver = solver_of(pairs_config)

@@ -25,17 +25,15 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 
+from instaflow_jax import checkpoint
 from instaflow_jax import images as image_io
 from instaflow_jax import parallel
 from instaflow_jax import workdir as workdir_lib
-from instaflow_jax.training import checkpoint
 from instaflow_jax.training import state as state_lib
 from instaflow_jax.training.state import TrainState
 from instaflow_jax.training.state import make_optimizer
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, jax.Array], Any]
-DONE_FILE = 'DONE'
-FINAL_PARAMS = 'params'
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,21 +46,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class Preempted(SystemExit):
   """SIGTERM arrived; a checkpoint was saved."""
-
-
-def is_complete(stage_dir: str) -> bool:
-  return os.path.exists(os.path.join(stage_dir, DONE_FILE))
-
-
-def mark_complete(stage_dir: str, summary: Mapping[str, Any]) -> None:
-  """Written by process 0 once every process has finished the stage."""
-  parallel.sync(f'{stage_dir} done')
-  if jax.process_index() > 0:
-    return
-  tmp = os.path.join(stage_dir, DONE_FILE + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(dict(summary), f, indent=2)
-  os.replace(tmp, os.path.join(stage_dir, DONE_FILE))
 
 
 def _split_micro_batches(batch, k: int):
@@ -285,7 +268,7 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   shardings = state_lib.state_shardings(
       state_lib.abstract_state(init_params, tx),
       layout.param_shardings(init_params, param_axes), layout.replicated)
-  checkpointer = checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'),
+  checkpointer = checkpoint.Checkpointer(os.path.join(stage_dir, workdir_lib.CHECKPOINTS),
                                          config.checkpoint_every, config.keep_checkpoints)
   # Processes that spent different times getting here (compiling, loading) meet before
   # the collectives of restoring and training.
@@ -345,7 +328,7 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
     signal.signal(signal.SIGTERM, previous_handler)
     writer.flush()
     checkpointer.close()  # waits for a save in flight, so the last good checkpoint is whole
-  checkpoint.save_params(os.path.join(stage_dir, FINAL_PARAMS), state.ema_params)
+  checkpoint.save_params(os.path.join(stage_dir, workdir_lib.FINAL_PARAMS), state.ema_params)
   return state.ema_params
 
 

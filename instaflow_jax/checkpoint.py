@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 
 from instaflow_jax import parallel
+from instaflow_jax import workdir as workdir_lib
 
 
 # Orbax shares the writing of a replicated array among its replicas, slicing it with an
@@ -28,8 +29,8 @@ ocp.type_handlers.register_type_handler(
     override=True)
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that is missing or does not fit the model."""
+class CheckpointError(OSError):
+  """A checkpoint that is missing, unreadable, or does not fit the model."""
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -104,10 +105,6 @@ def check_complete(item_dir: str) -> None:
     raise DamagedCheckpointError(f'{item_dir}: {str(e).splitlines()[0]}') from None
 
 
-STATE_ITEM = 'state'  # the train state's item in a checkpoint step directory
-REJECTED_DIR = 'rejected_checkpoints'  # beside checkpoints/: ones a resume must not take
-
-
 class Checkpointer:
   """Saves the train state every `save_every` steps, keeps the last `max_to_keep`."""
 
@@ -117,7 +114,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=(STATE_ITEM, 'meta'))
+        item_names=(workdir_lib.STATE_ITEM, 'meta'))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -128,7 +125,7 @@ class Checkpointer:
   def check_fits(self, step: int, abstract_params) -> None:
     """CheckpointError naming the first parameter of checkpoint `step` whose name or shape
     the model's params do not have; read from its metadata alone."""
-    state_dir = epath.Path(self.directory) / str(step) / STATE_ITEM
+    state_dir = epath.Path(self.directory) / str(step) / workdir_lib.STATE_ITEM
     stored = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree['params']
     mismatch = first_mismatch(stored, abstract_params)
     if mismatch:
@@ -146,7 +143,7 @@ class Checkpointer:
     damaged = {}  # step: why, newest first
     for step in reversed(self.all_steps()):
       try:
-        check_complete(os.path.join(self.directory, str(step), STATE_ITEM))
+        check_complete(os.path.join(self.directory, str(step), workdir_lib.STATE_ITEM))
         self.check_fits(step, abstract_state.params)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -173,11 +170,11 @@ class Checkpointer:
 
   @property
   def rejected_dir(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), REJECTED_DIR)
+    return os.path.join(os.path.dirname(self.directory), workdir_lib.REJECTED_DIR)
 
   def reject(self, steps, reason: str) -> None:
     """Moves checkpoints that a resume must not take (damaged, diverged) out of the way,
-    to REJECTED_DIR/STEP-reason beside the checkpoints: kept, never restored."""
+    to rejected_checkpoints/STEP-reason beside the checkpoints: kept, never restored."""
     parallel.sync(f'reject {self.directory}')
     if jax.process_index() == 0:
       os.makedirs(self.rejected_dir, exist_ok=True)
@@ -235,6 +232,33 @@ def load_params(path: str, abstract_params, what: str = 'params'):
   except (ValueError, KeyError) as e:
     raise CheckpointError(f'{what}: checkpoint {path} does not fit the model config: '
                           f'{str(e).splitlines()[0]}') from None
+
+
+def load_trained_params(trained: workdir_lib.TrainedParams, abstract_params):
+  """The U-Net params that find_trained_params found: final params, or those of a train
+  state checkpoint."""
+  if not trained.state_key:
+    return load_params(trained.params_path, abstract_params)
+  return _train_state_params(trained.params_path, trained.state_key, abstract_params)
+
+
+def _train_state_params(step_dir: str, key: str, abstract_params):
+  """The params `key` of a train state that Checkpointer saved, read alone (the
+  optimizer state stays on disk), with the model's parameter names and shapes."""
+  handler = ocp.PyTreeCheckpointHandler()
+  state_dir = epath.Path(step_dir) / workdir_lib.STATE_ITEM
+  mismatch = first_mismatch(handler.metadata(state_dir).tree.get(key), abstract_params)
+  if mismatch:
+    raise CheckpointError(f'{step_dir}: its {key} do not fit the model config: {mismatch}')
+  target = {key: abstract_params}
+  try:
+    restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  except ValueError as e:
+    raise CheckpointError(f'{step_dir}: does not fit the model config: '
+                          f'{str(e).splitlines()[0]}') from None
+  return restored[key]
 
 
 def top_level_names(path: str) -> set:

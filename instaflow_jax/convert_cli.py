@@ -9,7 +9,7 @@ The direction follows from --src. A diffusers folder (model_index.json) becomes 
 params of its U-Net, what `init` of the rf, reflow and distill stages reads
 (e.g. --config.rf.init=/abs/PARAMS_DIR, with model.diffusers_path the same folder for the
 text encoder, the VAE and the tokenizer). Anything else is one of our runs, found as
-generate finds it (pipeline.find_trained_params): a workdir (its latest finished stage of
+generate finds it (workdir.find_trained_params): a workdir (its latest finished stage of
 distill > reflow > rf, or --stage), a stage directory, its params/, or a checkpoints/STEP
 directory (EMA params, or the raw ones with --params=raw). Its trained U-Net is written
 with the text encoder, the VAE, the tokenizer and the other components (scheduler, ...) of
@@ -26,17 +26,15 @@ checkpoint: generate from the workdir directly.
 
 --out must not exist; it appears only once the conversion is complete.
 """
-import contextlib
 import os
-import shutil
-import tempfile
 
 from absl import flags
 
-from instaflow_jax import generate
+from instaflow_jax import checkpoint
+from instaflow_jax import cli
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
-from instaflow_jax.training import checkpoint
 
 FLAGS = flags.FlagValues()
 _SRC = flags.DEFINE_string('src', None, 'A diffusers folder, or a workdir, stage directory, '
@@ -50,59 +48,37 @@ _PARAMS = flags.DEFINE_enum('params', 'ema', ['ema', 'raw'], 'Of a checkpoints/S
 flags.mark_flags_as_required(['src', 'out'], flag_values=FLAGS)
 
 
-@contextlib.contextmanager
-def new_output(out: str):
-  """A staging path next to `out` (its directory created now, which checks that it is
-  writable) that is renamed to `out` only when the block succeeds."""
-  out = os.path.abspath(out)
-  if os.path.exists(out):
-    raise OSError(f'--out={out} exists; give a new path (nothing is overwritten)')
-  try:
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.tmp-',
-                               dir=os.path.dirname(out))
-  except OSError as e:
-    raise OSError(f'--out={out} is not writable ({e.strerror or e})') from None
-  try:
-    yield os.path.join(staging, 'result')
-    os.rename(os.path.join(staging, 'result'), out)
-  finally:
-    shutil.rmtree(staging)
-
-
 def diffusers_to_params(folder: str, out: str) -> str:
   """The U-Net of a diffusers folder -> an Orbax params directory (an `init`)."""
   diffusers_io.read_model_index(folder)
-  with new_output(out) as staging:
+  with cli.staged_output(out) as staging:
     _, _, params = diffusers_io.load_component(folder, 'unet')
     checkpoint.save_params(staging, params)
   return (f'wrote the U-Net params of {folder} to {os.path.abspath(out)}; train from them '
           f'with --config.<stage>.init={os.path.abspath(out)}')
 
 
-def trained_to_diffusers(src: str, out: str, stage: str = '', params: str = 'ema') -> str:
+def trained_to_diffusers(trained: workdir_lib.TrainedParams, out: str) -> str:
   """The trained U-Net of one of our runs, with its base model -> a diffusers folder."""
-  trained = pipeline_lib.find_trained_params(src, stage, params)
   if trained.model_config().source == 'embedded':
     raise ValueError(
         f'{trained.params_path}: the embedded model is pixel space (identity autoencoder, '
         'word-level tokenizer); no diffusers pipeline runs it, so there is no diffusers folder '
-        'to write. Use the run directly: python -m instaflow_jax.generate --model=' + src)
-  with new_output(out) as staging:
+        'to write. Use the run directly: python -m instaflow_jax.generate --model='
+        f'{trained.workdir}')
+  with cli.staged_output(out) as staging:
     pipeline_lib.Pipeline.from_checkpoint(trained).save_diffusers(staging)
   return f'wrote {trained.params_path} as a diffusers folder to {os.path.abspath(out)}'
 
 
 def convert(src: str, out: str, stage: str = '', params: str = 'ema') -> str:
   """Converts in the direction that `src` implies; returns what was written."""
-  if os.path.isfile(os.path.join(src, diffusers_io.MODEL_INDEX)):
-    if stage or params != 'ema':
-      raise ValueError(f'{src} is a diffusers folder: --stage and --params apply to our '
-                       'checkpoints only')
-    return diffusers_to_params(src, out)
-  return trained_to_diffusers(src, out, stage, params)
+  source = pipeline_lib.find_model(src, stage, params)
+  if isinstance(source, str):
+    return diffusers_to_params(source, out)
+  return trained_to_diffusers(source, out)
 
 
 def main(argv) -> None:
-  generate.run_command(FLAGS, argv, lambda: print(
+  cli.run_command(FLAGS, argv, lambda: print(
       convert(_SRC.value, _OUT.value, _STAGE.value, _PARAMS.value)))

@@ -1,0 +1,99 @@
+"""The jitted text-to-image sampler, and the frozen networks' parts of it.
+
+Everything after tokenization (text encoder, the ODE solve of the flow with optional
+classifier-free guidance, the VAE decoder, the conversion to [0, 1]) is one jitted
+function, compiled once per (modules, batch, size, solver, guidance on/off).
+"""
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from instaflow_jax.flow import samplers
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineModules:
+  """The (hashable) modules, a static argument of the jitted sampler."""
+  unet: Any
+  vae: Any
+  text_encoder: Any
+
+
+def encode_images(modules: PipelineModules, params, images: jax.Array, rng: jax.Array) -> jax.Array:
+  """Images in [-1, 1] -> scaled latents, a sample of the autoencoder's posterior."""
+  mean, logvar = modules.vae.apply({'params': params['vae']}, images, method='encode')
+  noise = jax.random.normal(rng, mean.shape, mean.dtype)
+  return (mean + jnp.exp(0.5 * logvar) * noise) * modules.vae.config.scaling_factor
+
+
+def encode_text(modules: PipelineModules, params, token_ids: jax.Array) -> jax.Array:
+  """The text encoder's last hidden state, which conditions the U-Net."""
+  return modules.text_encoder.apply({'params': params['text']}, token_ids)[0]
+
+
+def decode_to_images(modules: PipelineModules, params, latents: jax.Array) -> jax.Array:
+  """decode(latents / scaling_factor) mapped from [-1, 1] to [0, 1]."""
+  latents = latents / modules.vae.config.scaling_factor
+  images = modules.vae.apply({'params': params['vae']}, latents, method='decode')
+  return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, latents,
+                   guidance_scale, solver: samplers.Solver):
+  """Integrates the text-conditioned flow from the noise `latents`: a samplers.Solution
+  (X1 latents, NFE, straightness).
+
+  With `uncond_ids` (the negative or empty prompts), classifier-free guidance with
+  `guidance_scale` is applied; without, the text branch alone.
+  """
+  text_embeds = encode_text(modules, params, token_ids)
+  uncond_embeds = None if uncond_ids is None else encode_text(modules, params, uncond_ids)
+
+  def apply_unet(x, t, embeds):
+    return modules.unet.apply({'params': params['unet']}, x, t, embeds)
+
+  velocity = samplers.conditional_velocity(apply_unet, text_embeds, uncond_embeds, guidance_scale)
+  return samplers.integrate(velocity, latents, solver)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def sample_images(modules: PipelineModules, params, token_ids, uncond_ids, latents,
+                  guidance_scale, solver: samplers.Solver):
+  """sample_latents, decoded to images in [0, 1]: (images, its samplers.Solution)."""
+  solution = sample_latents(modules, params, token_ids, uncond_ids, latents, guidance_scale,
+                            solver)
+  return decode_to_images(modules, params, solution.x1), solution
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  compile_s: float    # the first call minus a compiled one
+  per_image_s: float  # compiled calls, per image (a batch's padding included in its cost)
+
+
+def timed_batches(calls: Sequence[Callable[[], Any]], counts: Sequence[int],
+                  progress: Callable[[int], None] = lambda done: None) -> Tuple[list, Timing]:
+  """(the results of calls, Timing). Each call generates one batch of counts[i] images and
+  returns host arrays, so its time includes the device's work. The first call compiles:
+  the time per image comes from the others, or, when there is only one, from running it a
+  second time. progress(i) is called after call i."""
+  results, seconds = [], []
+  for index, call in enumerate(calls):
+    began = time.perf_counter()
+    results.append(call())
+    seconds.append(time.perf_counter() - began)
+    progress(index)
+  if len(calls) == 1:
+    began = time.perf_counter()
+    calls[0]()
+    timed, timed_counts = [time.perf_counter() - began], counts
+  else:
+    timed, timed_counts = seconds[1:], counts[1:]
+  per_image = sum(timed) / sum(timed_counts)
+  return results, Timing(compile_s=max(seconds[0] - per_image * counts[0], 0.0),
+                         per_image_s=per_image)

@@ -1,0 +1,87 @@
+"""What every stage that builds on the model shares: its frozen networks' inputs, the
+params a stage starts from, its batches, and the fixed prompts of its sample grids."""
+import dataclasses
+import os
+from typing import Callable
+
+import jax
+import ml_collections
+
+from instaflow_jax import checkpoint
+from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import sampling
+from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.data import input as input_lib
+from instaflow_jax.data import pairs as pairs_lib
+from instaflow_jax.models import abstract
+from instaflow_jax.models.stacked_unet import StackedUNet
+from instaflow_jax.models.stacked_unet import init_from_unet
+
+
+def frozen_params(pipe: pipeline_lib.Pipeline) -> dict:
+  """What the step needs besides the trained params: frozen networks and the empty
+  prompt's embedding (the unconditional input for classifier-free guidance)."""
+  params = pipe.params
+  null_embeds = sampling.encode_text(pipe.modules, params, pipe.tokenize(['']))
+  return {'text': params['text'], 'vae': params['vae'], 'null_embeds': null_embeds}
+
+
+def model_inputs(modules: sampling.PipelineModules, frozen, batch, rng):
+  """(X1 latents, text embeddings) of a batch, computed unless cached in it."""
+  if 'latents' in batch:
+    x1 = batch['latents']
+  else:
+    x1 = sampling.encode_images(modules, frozen, batch['image'], rng)
+  if 'text_embeds' in batch:
+    embeds = batch['text_embeds']
+  else:
+    embeds = sampling.encode_text(modules, frozen, batch['input_ids'])
+  return x1, embeds
+
+
+def sample_prompts(config: ml_collections.ConfigDict, count: int) -> list:
+  """The first `count` captions of the held-out split: fixed prompts for sample grids."""
+  source = input_lib.open_source(input_lib.input_config(config.data, config.data.eval_split))
+  return [input_lib.captions_of(source[i], config.data.caption_key)[0] for i in range(count)]
+
+
+def make_sample_fn(pipe: pipeline_lib.Pipeline, prompts, train_config, seed: int) -> Callable:
+  """params -> images of the fixed prompts from fixed noise (for the periodic grid)."""
+  size = pipe.default_size
+  latents = pipe.initial_latents(len(prompts), size, size, seed)
+
+  def sample(params):
+    return dataclasses.replace(pipe, unet_params=params).generate(
+        prompts, num_inference_steps=train_config.sample_steps,
+        guidance_scale=train_config.sample_guidance, latents=latents)
+
+  return sample
+
+
+def initial_unet_params(pipe: pipeline_lib.Pipeline, workdir: str, init: str, what: str):
+  """The U-Net params a stage starts from: the base model's, or a finished stage's."""
+  if not init:
+    return pipe.unet_params
+  return load_unet_params(pipe.unet, workdir_lib.stage_params_path(workdir, init, what), what)
+
+
+def load_unet_params(unet, path: str, what: str):
+  """The params of `unet` saved at `path`. A stacked U-Net also starts from a single
+  U-Net's params (InstaFlow-1.7B from the 2-RF): both halves get a copy."""
+  if isinstance(unet, StackedUNet) and not {'unet_1', 'unet_2'} <= checkpoint.top_level_names(path):
+    return init_from_unet(load_unet_params(unet.base_unet(), path, what), unet.config)
+  return checkpoint.load_params(path, abstract.abstract_params(unet), what=what)
+
+
+def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config):
+  """The stage's batches: images and captions, or (for reflow) the teacher's pairs."""
+  kwargs = dict(global_batch_size=train_config.batch_size, seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if not train_config.pairs:
+    return input_lib.create_input(input_lib.input_config(config.data, config.data.train_split),
+                                  pipe.tokenizer, **kwargs)
+  pairs_dir = os.path.join(os.path.dirname(stage_dir), train_config.pairs)
+  data = pairs_lib.PairsInput(pairs_dir, **kwargs)
+  pairs_lib.check_compatible(data.meta, pipe.latent_shape,
+                             pipe.tokenizer.model_max_length, pairs_dir)
+  return data
