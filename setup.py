@@ -12,6 +12,7 @@ TEST_REQUIRES = [
     'nbclient',
     'ipykernel',
     'nbformat',
+    'jupytext',  # the notebooks' sources, colabs/*.py
     'pytest',
 ]
 

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import nbformat
@@ -70,17 +69,6 @@ def printed(notebook) -> str:
 
 def displayed(notebook, mime: str) -> list:
   return [o.data[mime] for o in outputs(notebook) if mime in o.get('data', {})]
-
-
-def test_notebooks_are_what_make_notebooks_writes(tmp_path):
-  """The committed .ipynb files come from colabs/make_notebooks.py, with no outputs."""
-  subprocess.run([sys.executable, os.path.join(COLABS, 'make_notebooks.py'), str(tmp_path)],
-                 check=True)
-  built = sorted(os.listdir(tmp_path))
-  assert built == sorted(f for f in os.listdir(COLABS) if f.endswith('.ipynb'))
-  for name in built:
-    with open(tmp_path / name) as rebuilt, open(os.path.join(COLABS, name)) as committed:
-      assert committed.read() == rebuilt.read(), f'{name}: run colabs/make_notebooks.py'
 
 
 def test_one_step_generation_with_a_local_model(kernel_dirs, tmp_path):
