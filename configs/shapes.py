@@ -55,9 +55,9 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       unet=dict(
           sample_size=16 if quick else 24,
           in_channels=3, out_channels=3,
-          # Attention only at the lowest resolution (6x6) and in the middle block: on this
-          # CPU, attention at 12x12 too makes a step 1.9x slower (1.3 s vs 0.7 s), and
-          # at 24x24 7x; 6x6 still resolves the 3x3 grid of positions the captions name.
+          # Attention only at the lowest resolution (6x6) and in the middle block: on a
+          # CPU, attention at 12x12 or 24x24 too makes a step several times slower, and
+          # 6x6 still resolves the 3x3 grid of positions the captions name.
           block_out_channels=(16, 32) if quick else (32, 64, 64),
           down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D') if quick else (
               'DownBlock2D', 'DownBlock2D', 'CrossAttnDownBlock2D'),

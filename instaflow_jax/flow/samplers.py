@@ -16,8 +16,8 @@ def euler_sample(velocity_fn: VelocityFn, x0: jax.Array, num_steps: int,
   """Integrates dx/ds = v(x, s) from s=0 to 1 with N Euler steps: x += v(x, i/N) / N.
 
   unroll=True writes the steps out instead of looping: for a solve that is
-  differentiated (a distilled student's k steps), since XLA on a CPU ran the gradient of
-  a U-Net inside a loop 25x slower than unrolled (measured, one step, batch 32).
+  differentiated (a distilled student's k steps), since XLA on a CPU runs the gradient of
+  a U-Net inside a loop many times slower than unrolled.
   """
   return euler_with_straightness(velocity_fn, x0, num_steps, unroll)[0]
 

@@ -136,9 +136,9 @@ def _after(x: jax.Array, grad: jax.Array) -> jax.Array:
   return x + (0 * grad[(0,) * grad.ndim]).astype(x.dtype)
 
 
-# At or below this many output pixels per image, XLA's CPU convolution is up to 15x slower
-# than one matmul on the gathered patches (measured, 3x3, batch 8: 2x2x128 1.39 ms vs 0.11 ms,
-# 2x2x256 5.7 ms vs 0.32 ms; gradients 4.1 vs 0.41 ms). From 4x4 up the library conv wins.
+# At or below this many output pixels per image, XLA's CPU convolution is many times slower
+# than one matmul on the gathered patches, forward and backward; from 4x4 up the library
+# convolution wins (benchmarks/README.md).
 _CPU_MATMUL_CONV_MAX_PIXELS = 4
 
 
@@ -182,8 +182,8 @@ def _nearest_2x_taps(kernel: jax.Array, axis: int) -> Tuple[jax.Array, jax.Array
 def _conv_of_nearest_2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """The 3x3 'same' convolution of upsample_nearest_2x(x), without making the up-sampled
   input: each of the four output phases (row and column parity) is a 2x2 convolution of x
-  with the taps that fall on the same input pixel added (4 taps where there were 9: on a CPU
-  1.6-2x faster forward, 1.6-4x with the gradients, at the VAE's and U-Net's shapes)."""
+  with the taps that fall on the same input pixel added (4 taps where there were 9: faster
+  on a CPU, with and without the gradients, at the VAE's and U-Net's shapes)."""
   batch, height, width, _ = x.shape
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   rows = []
@@ -244,11 +244,11 @@ class GroupNorm(nn.Module):
   backward pass recomputes it from the input (recomputed_in_backward), keeping one tensor
   where autodiff kept four.
 
-  The sums run over the pixels first, then over each group's channels: XLA on a CPU ran
-  nn.GroupNorm's one reduction over the (pixels, group channels) axes 3x slower than these
-  two, forward and backward (16x16x32, batch 8: 0.25 ms vs 0.08 ms). On a CPU the forward
-  pass is the C++ kernel where it applies (float32, channels a multiple of 16, no
-  activation or SiLU): 1.3-3x faster than XLA's five passes.
+  The sums run over the pixels first, then over each group's channels: XLA on a CPU runs
+  nn.GroupNorm's one reduction over the (pixels, group channels) axes slower than these
+  two, forward and backward. On a CPU the forward pass is the C++ kernel where it applies
+  (float32, channels a multiple of 16, no activation or SiLU), faster than XLA's five
+  passes (benchmarks/README.md).
   """
   num_groups: int
   epsilon: float
@@ -374,9 +374,9 @@ def _xla_attention_on_cpu(query: jax.Array, key: jax.Array, value: jax.Array, is
                           mask: Optional[jax.Array]) -> jax.Array:
   """Heads-major matmuls in float32, the softmax normalised after the value matmul, and a
   backward pass that recomputes the [q, kv] weights (see _cpu_attention_backward) instead
-  of keeping them. Against jax.nn.dot_product_attention under XLA on a CPU (batch 8, 256
-  tokens, 4 heads of 8): forward 1.5-2x faster, forward+backward 3x, and the training
-  step keeps no [batch, heads, q, kv] tensor per layer."""
+  of keeping them. Under XLA on a CPU it is faster than jax.nn.dot_product_attention,
+  forward and backward, and the training step keeps no [batch, heads, q, kv] tensor per
+  layer (benchmarks/README.md)."""
   if is_causal:
     causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
@@ -419,8 +419,8 @@ def _cpu_attention_backward(residuals, g):
   scheduling, and would otherwise merge the recomputed q k^T with the forward's and keep
   every layer's [q, kv] weights from the forward pass to the end of the backward. The
   barrier on dk^T, dv^T does hold against the algebraic simplifier: it keeps their
-  transposes out of the matmuls, which then run 5x slower (a contraction over the
-  weights' major axis)."""
+  transposes out of the matmuls, which then run several times slower (a contraction over
+  the weights' major axis)."""
   q, k, v, out, log_sum, mask = residuals
   q = _after(q, g)
   weights = jnp.exp(_masked(jnp.matmul(q, jnp.swapaxes(k, -1, -2)), mask) - log_sum)
