@@ -12,7 +12,8 @@ import ml_collections
 
 TRAINING_STAGES = ('rf', 'reflow', 'distill')
 
-# Whole numbers >= 1, per section.
+# Whole numbers >= 1, per section (a section checks those of its fields it has: the
+# evaluator's sizes belong to the shapes evaluator only).
 TRAINING_COUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
                     'checkpoint_every', 'keep_checkpoints', 'sample_every', 'num_samples',
                     'sample_steps')
@@ -105,7 +106,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for section, names in COUNTS.items():
     if section in stages:
       for name in names:
-        _check_count(config, section, name)
+        if name in config[section]:
+          _check_count(config, section, name)
   if 'eval' in stages:
     _check_eval_steps(config)
   if 'data' in config and 'model' in config:
