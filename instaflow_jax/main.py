@@ -132,10 +132,19 @@ def parse_flags(argv):
     sys.exit(f'error: bad config: {cli.one_line(e)}')
 
 
-def run():
+def configure_process() -> None:
+  """The process settings of the training command, all here (importing the package sets
+  none): glibc's huge pages (a restart), quiet TensorFlow (used only by tfds and clu), and
+  no triton for torch: torch's triton (GPU kernels for torch.compile) crashes the process
+  when it is first imported after TensorFlow, and this command uses torch only on the CPU
+  (the CLIP score, .bin weight files)."""
   huge_pages.restart_with_huge_pages()
-  # Keep TensorFlow (used only by tfds/clu) quiet.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.modules.setdefault('triton', None)
+
+
+def run():
+  configure_process()
   app.run(main, flags_parser=parse_flags)
 
 

@@ -2,6 +2,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -91,3 +92,14 @@ def test_resume_after_sigkill_is_exact(quick_chain, tfds_dir, tmp_path):
   assert resumed_losses == reference_losses
 
 
+
+
+def test_the_clip_score_loads_after_tensorflow_in_the_training_process():
+  """Stage eval with eval.clip_path imports transformers' PyTorch CLIP after tfds and clu
+  have loaded TensorFlow; torch's triton would crash the process there."""
+  script = ('from instaflow_jax import main; main.configure_process(); '
+            'import tensorflow_datasets, clu.metric_writers; '
+            'from transformers import CLIPModel, CLIPProcessor; print("loaded")')
+  result = subprocess.run([sys.executable, '-c', script], cwd=runs.REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.split()[-1] == 'loaded', result.stderr[-2000:]
