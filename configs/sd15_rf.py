@@ -15,14 +15,29 @@ the number of devices.
 """
 import ml_collections
 
-from configs import shapes
+# Logical axes (the models' parameter axes, models/layers.py, and the activations' batch)
+# -> mesh axes, as in configs/shapes.py: the batch over data and fsdp, FSDP on the weights'
+# input width, tensor parallelism on their output width; norms and embeddings whole.
+AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('conv_in', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('conv_out', 'tensor'),
+    ('norm', None),
+    ('vocab', None),
+)
 
 
 def get_config(diffusers_path: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = ('rf',)
-  shapes.add_mesh(c)
+  # Data parallel over every device; --config.mesh.fsdp=8 shards params and optimizer state
+  # over groups of 8 devices (instaflow_jax/parallel.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the devices left
+  c.axis_rules = AXIS_RULES
+  c.min_shard_size = 2 ** 14  # params with fewer elements stay replicated
 
   c.data = ml_collections.ConfigDict(dict(
       name='coco_captions',
@@ -46,20 +61,24 @@ def get_config(diffusers_path: str = '') -> ml_collections.ConfigDict:
       unet=ml_collections.ConfigDict(),
   ))
 
-  t = shapes.training_config(quick=False, steps=100_000)
-  t.batch_size = 256
-  t.ema_decay = 0.9999
-  t.optimizer.lr = 1e-5
-  t.optimizer.warmup_steps = 1000
-  t.optimizer.schedule = 'constant'
-  t.optimizer.weight_decay = 1e-2
-  t.caption_dropout = 0.1
-  t.log_every = 100
-  t.checkpoint_every = 2000
-  t.keep_checkpoints = 3
-  t.sample_every = 2000
-  t.num_samples = 16
-  t.sample_steps = 25
-  t.sample_guidance = 1.5
-  c.rf = t
+  c.rf = ml_collections.ConfigDict(dict(
+      steps=100_000,
+      batch_size=256,
+      grad_accum_steps=1,
+      ema_decay=0.9999,
+      optimizer=dict(lr=1e-5, warmup_steps=1000, schedule='constant', grad_clip=1.0,
+                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
+      time=dict(kind='uniform', logit_mean=0.0, logit_std=1.0, u_shape_a=4.0),
+      loss='l2',                    # or 'pseudo_huber'
+      caption_dropout=0.1,          # classifier-free guidance training
+      init='',                      # '' = the diffusers folder's U-Net
+      pairs='',                     # train on the pairs of this stage (reflow) instead of data
+      log_every=100,
+      checkpoint_every=2000,
+      keep_checkpoints=3,
+      sample_every=2000,
+      num_samples=16,
+      sample_steps=25,
+      sample_guidance=1.5,
+  ))
   return c

@@ -30,22 +30,23 @@ def with_huge_pages(env: Mapping[str, str]) -> Dict[str, str]:
   return dict(env, GLIBC_TUNABLES=':'.join(filter(None, [tunables, f'{TUNABLE}=1'])))
 
 
-def _huge_pages_only_when_advised() -> bool:
+def _huge_pages_only_when_advised(thp_mode_file: str = _THP_MODE_FILE) -> bool:
   """The kernel's THP mode is `madvise`: under `always` every block gets them already,
   under `never` none can."""
   try:
-    with open(_THP_MODE_FILE) as f:
+    with open(thp_mode_file) as f:
       return '[madvise]' in f.read()
   except OSError:
     return False
 
 
-def restart_with_huge_pages() -> None:
-  """Re-executes this command with the tunable set, where glibc and the kernel make that
-  useful; returns where nothing needs doing. Call it first thing in a `__main__`."""
+def restart_with_huge_pages(thp_mode_file: str = _THP_MODE_FILE) -> None:
+  """Re-executes this command with the tunable set, where glibc and the kernel (its THP
+  mode in `thp_mode_file`) make that useful; returns where nothing needs doing. Call it
+  first thing in a `__main__`."""
   env = with_huge_pages(os.environ)
   if (env == dict(os.environ) or platform.libc_ver()[0] != 'glibc'
-      or not _huge_pages_only_when_advised()):
+      or not _huge_pages_only_when_advised(thp_mode_file)):
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -2,6 +2,7 @@
 lowest optimisation level, one prepared copy of the captioned-shapes dataset and one run of
 the quick chain for the session."""
 import os
+import sys
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -15,9 +16,12 @@ _FAST_COMPILE = '--xla_backend_optimization_level=0'
 if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = ' '.join(filter(None, [os.environ.get('XLA_FLAGS'), _FAST_COMPILE]))
 
-# torch's triton segfaults when it is first imported after TensorFlow in the same process
-# (seen with tensorflow-cpu 2.21 and torch 2.14.1); tests mix both, so triton goes first.
-import triton  # noqa: E402,F401
+# triton, torch's GPU compiler, segfaults when it is loaded after TensorFlow in one process
+# (tensorflow-cpu 2.21, torch 2.14.1). diffusers, torchvision and transformers' models try
+# to import it, and a session loads TensorFlow (clu, tfds) whenever its first module that
+# uses it comes, before or after them. The tests run on the CPU and use no triton: it is
+# marked absent, and torch takes it for not installed.
+sys.modules['triton'] = None
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

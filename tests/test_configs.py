@@ -1,17 +1,26 @@
-"""Every config file loads, and names the sections its stages read."""
+"""Every config file loads, and names the sections its stages read; the Stable Diffusion
+configs have the toy config's fields, written out in their own files."""
 import importlib
+import json
+import os
 
+import ml_collections
 import pytest
 
 from instaflow_jax import stages
 
 CONFIGS = ['shapes', 'sd15_rf', 'sd15_pairs', 'sd15_reflow', 'sd15_distill', 'instaflow_1_7b',
            'coco_eval']
+SD_CONFIGS = [name for name in CONFIGS if name != 'shapes']
+
+
+def _load(name: str) -> ml_collections.ConfigDict:
+  return importlib.import_module(f'configs.{name}').get_config()
 
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_with_sections_for_its_stages(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = _load(name)
   for stage in config.stages:
     assert stage in stages.STAGES
     assert stage in config, f'{name}: stage {stage} has no config section'
@@ -24,10 +33,95 @@ def test_config_loads_with_sections_for_its_stages(name):
 @pytest.mark.parametrize('variant', ['quick', None])
 def test_shapes_runs_the_whole_chain(variant):
   from configs import shapes
-  assert shapes.get_config(variant).stages == ('rf', 'pairs', 'reflow', 'distill', 'eval')
+  assert shapes.get_config(variant).stages == tuple(stages.STAGES)
 
 
 def test_unknown_shapes_variant_is_named():
   from configs import shapes
   with pytest.raises(ValueError, match="unknown variant 'fast'"):
     shapes.get_config('fast')
+
+
+# What an SD config leaves out of a section of configs/shapes.py, and what only it has. The
+# embedded model's word tokenizer; the stacked student's settings (model.unet_kind defaults
+# to one U-Net); the captioned-shapes evaluator's classifier against the photographs'
+# Inception and CLIP files and the diffusers folders compared as models.
+_SD_MAY_OMIT = {'model': {'vocabulary', 'unet_kind', 'stacked'},
+                'eval': {'evaluator_examples', 'evaluator_steps'}}
+_SD_ONLY = {'eval': {'inception_path', 'clip_path', 'paths'}}
+# Sections whose keys name models, or override the fields of a diffusers folder's configs.
+_NOT_FIELDS = ('model.text_encoder', 'model.unet', 'eval.labels', 'eval.paths', 'eval.steps',
+               'eval.guidance')
+
+
+def _field_names(section: ml_collections.ConfigDict, prefix: str = '') -> set:
+  """The dotted names of a section's fields, into its sub-sections ('rf.optimizer.lr')."""
+  names = set()
+  for key, value in section.items():
+    name = prefix + key
+    if isinstance(value, ml_collections.ConfigDict) and name not in _NOT_FIELDS:
+      names |= _field_names(value, name + '.')
+    else:
+      names.add(name)
+  return names
+
+
+def _section_fields(config: ml_collections.ConfigDict, section: str) -> set:
+  return {name for name in _field_names(config) if name.split('.')[0] == section}
+
+
+def _without(names: set, omitted: set) -> set:
+  """`names` less the omitted fields and their sub-fields."""
+  return {n for n in names if not any(n == o or n.startswith(o + '.') for o in omitted)}
+
+
+@pytest.mark.parametrize('name', SD_CONFIGS)
+def test_sd_config_has_the_fields_of_the_shapes_config(name):
+  """A field added to configs/shapes.py and not to the SD configs (or the other way round)
+  fails here: the SD configs write out their own fields, not the toy config's."""
+  from configs import shapes
+  sd, toy = _load(name), shapes.get_config()
+  run_wide = set(toy) - set(stages.STAGES)  # seed, mesh, data, model, ...
+  for section in set(sd) | run_wide:
+    omit = {f'{section}.{field}' for field in _SD_MAY_OMIT.get(section, ())}
+    only = {f'{section}.{field}' for field in _SD_ONLY.get(section, ())}
+    expected = _without(_section_fields(toy, section) | only, omit)
+    got = _without(_section_fields(sd, section), omit)
+    assert got == expected, (name, section, got ^ expected)
+
+
+def _resolved(config: ml_collections.ConfigDict) -> dict:
+  """Every leaf of a config by dotted name, as repr (types count: 1 is not 1.0)."""
+  leaves = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      leaves.update({f'{key}.{k}': v for k, v in _resolved(value).items()})
+    else:
+      leaves[key] = repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict)
+                         else value)
+  return leaves
+
+
+def _record_sd_configs() -> None:
+  with open(_RECORDED_SD_CONFIGS, 'w') as f:
+    json.dump({name: _resolved(_load(name)) for name in SD_CONFIGS}, f, indent=1)
+    f.write('\n')
+
+
+_RECORDED_SD_CONFIGS = os.path.join(os.path.dirname(__file__), 'sd_configs.json')
+
+
+@pytest.mark.parametrize('name', SD_CONFIGS)
+def test_sd_config_resolves_to_its_recorded_values(name):
+  """No SD config can be run in the tests (they need SD 1.5's weights): a change to one is
+  meant when it shows here. Re-record with `python -m tests.test_configs`."""
+  with open(_RECORDED_SD_CONFIGS) as f:
+    recorded = json.load(f)[name]
+  resolved = _resolved(_load(name))
+  assert set(resolved) == set(recorded), set(resolved) ^ set(recorded)
+  changed = {k: (recorded[k], resolved[k]) for k in resolved if resolved[k] != recorded[k]}
+  assert not changed, changed
+
+
+if __name__ == '__main__':
+  _record_sd_configs()

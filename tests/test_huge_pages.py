@@ -3,22 +3,36 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from instaflow_jax import huge_pages
 
 from tests import runs
 
-# What the restarted child reports: its process id and the tunables it runs with.
-_REPORT = ('import os; from instaflow_jax import huge_pages; huge_pages.restart_with_huge_pages(); '
+# What the restarted child reports: its process id and the tunables it runs with. The
+# kernel's THP mode is read from the file named by argv[1].
+_REPORT = ('import os, sys; from instaflow_jax import huge_pages; '
+           'huge_pages.restart_with_huge_pages(sys.argv[1]); '
            'print(os.getpid(), os.environ.get("GLIBC_TUNABLES"))')
 
 
-def _run_report(env):
-  child = subprocess.Popen([sys.executable, '-c', _REPORT], cwd=runs.REPO, env=env,
-                           stdout=subprocess.PIPE, text=True)
+def _run_report(env, thp_mode_file):
+  child = subprocess.Popen([sys.executable, '-c', _REPORT, thp_mode_file], cwd=runs.REPO,
+                           env=env, stdout=subprocess.PIPE, text=True)
   out, _ = child.communicate(timeout=60)
   assert child.returncode == 0
   pid, tunables = out.split()
   return child.pid, int(pid), tunables
+
+
+def _env_without_tunables():
+  return {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+
+
+def _thp_mode_file(tmp_path, content):
+  path = tmp_path / 'enabled'
+  path.write_text(content + '\n')
+  return str(path)
 
 
 def test_the_tunable_joins_the_others():
@@ -32,17 +46,23 @@ def test_a_setting_the_user_gave_is_kept():
   assert huge_pages.with_huge_pages(env) == env
 
 
-def test_the_process_restarts_itself_once_with_the_tunable():
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  popen_pid, pid, tunables = _run_report(env)
+def test_the_process_restarts_itself_once_with_the_tunable_under_madvise(tmp_path):
+  madvise = _thp_mode_file(tmp_path, 'always [madvise] never')
+  popen_pid, pid, tunables = _run_report(_env_without_tunables(), madvise)
   assert pid == popen_pid  # exec: the same process, which a supervisor can still signal
-  if huge_pages._huge_pages_only_when_advised():
-    assert tunables == 'glibc.malloc.hugetlb=1'
-  else:  # the kernel gives huge pages to every block already, or to none
-    assert tunables == 'None'
+  assert tunables == 'glibc.malloc.hugetlb=1'
 
 
-def test_no_restart_where_the_user_opted_out():
+@pytest.mark.parametrize('mode', ['[always] madvise never', 'always madvise [never]', None])
+def test_no_restart_where_the_kernel_gives_huge_pages_to_every_block_or_none(tmp_path, mode):
+  """Under `always` every block has them already, under `never` none can; no THP file (not
+  Linux, or no THP): nothing to advise."""
+  mode_file = _thp_mode_file(tmp_path, mode) if mode else str(tmp_path / 'missing')
+  _, _, tunables = _run_report(_env_without_tunables(), mode_file)
+  assert tunables == 'None'
+
+
+def test_no_restart_where_the_user_opted_out(tmp_path):
   env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.hugetlb=0')
-  _, _, tunables = _run_report(env)
+  _, _, tunables = _run_report(env, _thp_mode_file(tmp_path, 'always [madvise] never'))
   assert tunables == 'glibc.malloc.hugetlb=0'
