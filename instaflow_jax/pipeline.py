@@ -63,7 +63,7 @@ def sampler_of(kind: str, sampler: Optional[str]) -> str:
   sampler = sampler or choices[0]
   if sampler not in choices:
     raise ValueError(f'sampler {sampler!r} does not fit a {kind} model; use one of '
-                     + ', '.join(repr(c) for c in choices))
+                     + ', '.join(repr(c) for c in choices) + f' (default {choices[0]!r})')
   return sampler
 
 
@@ -71,7 +71,7 @@ def folder_kind(path: str, model_index: dict, kind: Optional[str] = None) -> str
   """'flow' or 'diffusion': `kind` when given, else what the folder's class name says."""
   if kind is not None:
     if kind not in SAMPLERS:
-      raise ValueError(f"kind {kind!r} is unknown; use 'flow' or 'diffusion'")
+      raise ValueError(f"kind {kind!r} is unknown; use 'flow' or 'diffusion' instead")
     return kind
   class_name = str(model_index.get('_class_name', ''))
   if class_name in DIFFUSION_PIPELINE_CLASSES:
@@ -79,7 +79,7 @@ def folder_kind(path: str, model_index: dict, kind: Optional[str] = None) -> str
   if any(marker in class_name for marker in FLOW_PIPELINE_MARKERS):
     return 'flow'
   raise ValueError(f'{path}: model_index.json names the class {class_name!r}, neither a '
-                   "flow nor a diffusion model; pass kind='flow' or kind='diffusion'")
+                   "flow nor a diffusion model; pass kind ('flow' or 'diffusion')")
 
 
 @dataclasses.dataclass
@@ -219,7 +219,7 @@ class Pipeline:
     'dpm_solver++' (the default) or 'ddim' for a diffusion model.
     """
     if output_type not in ('np', 'latent'):
-      raise ValueError(f"output_type {output_type!r} is unknown; use 'np' or 'latent'")
+      raise ValueError(f"output_type {output_type!r} is unknown; use 'np' or 'latent' instead")
     solver = self.solver(sampler, num_inference_steps)
     prompts = _as_list(prompts)
     if latents is None:

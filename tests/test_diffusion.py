@@ -86,7 +86,8 @@ def test_save_diffusers_keeps_class_and_scheduler(sd_folder, sd_pipe, tmp_path):
 def test_flow_folder_and_explicit_kind(tmp_path):
   path = str(tmp_path / 'flow')
   tiny_models.write_tiny_pipeline(path, class_name='MyPipeline')
-  with pytest.raises(ValueError, match=r"names the class 'MyPipeline'.*pass kind='flow'"):
+  with pytest.raises(ValueError, match=r"names the class 'MyPipeline'.*pass kind "
+                                       r"\('flow' or 'diffusion'\)"):
     Pipeline.from_diffusers(path)
   pipe = Pipeline.from_diffusers(path, kind='flow')
   assert pipe.kind == 'flow' and pipe.noise_schedule is None
@@ -142,13 +143,13 @@ def test_tables_match_diffusers_set_timesteps(config, sampler, num_steps):
 @pytest.mark.parametrize('field,value,message', [
     ('prediction_type', 'flow_prediction',
      "prediction_type 'flow_prediction' is not supported; use one of 'epsilon', "
-     "'v_prediction', 'sample'"),
+     "'v_prediction', 'sample' instead"),
     ('beta_schedule', 'cosine',
      "beta_schedule 'cosine' is not supported; use one of 'linear', 'scaled_linear', "
-     "'squaredcos_cap_v2'"),
+     "'squaredcos_cap_v2' instead"),
     ('timestep_spacing', 'uniform',
      "timestep_spacing 'uniform' is not supported; use one of 'leading', 'trailing', "
-     "'linspace'"),
+     "'linspace' instead"),
 ])
 def test_unsupported_scheduler_config_names_file_and_field(tmp_path, field, value, message):
   os.makedirs(tmp_path / 'scheduler')

@@ -134,7 +134,7 @@ def test_bad_input_is_one_line_before_any_compute(folder, tmp_path, monkeypatch)
   assert error_of(*ok, f'--out={tmp_path}/o', '--stage=rf') == (
       f'error: {folder} is a diffusers folder: --stage and --params apply to our checkpoints only')
   assert error_of(*ok, f'--out={tmp_path}/o', '--sampler=ddim') == (
-      "error: sampler 'ddim' does not fit a flow model; use one of 'euler'")
+      "error: sampler 'ddim' does not fit a flow model; use one of 'euler' (default 'euler')")
   assert error_of('--prompt=x') == ('error: flag --model=None: Flag --model must have a value '
                                     'other than None.; flag --out=None: Flag --out must have a '
                                     'value other than None.')
@@ -151,7 +151,8 @@ def test_sampler_of_a_diffusion_model(tmp_path):
       PROMPTS[:1], num_inference_steps=2, sampler='ddim', seed=0)
   assert np.abs(read_png(out / '0000_a-red-dot.png') - image_io.to_uint8(expected[0])).max() <= 1
   assert error_of(f'--model={folder}', '--prompt=x', '--sampler=euler', f'--out={tmp_path}/o') == (
-      "error: sampler 'euler' does not fit a diffusion model; use one of 'dpm_solver++', 'ddim'")
+      "error: sampler 'euler' does not fit a diffusion model; use one of 'dpm_solver++', "
+      "'ddim' (default 'dpm_solver++')")
 
 
 def test_a_failure_leaves_no_output(tmp_path):

@@ -39,7 +39,7 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 def _check_choice(field: str, value, choices: tuple) -> None:
   if value not in choices:
     raise ValueError(f'{field} {value!r} is not supported; use one of '
-                     + ', '.join(repr(c) for c in choices))
+                     + ', '.join(repr(c) for c in choices) + ' instead')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +187,7 @@ def ddim_tables(schedule: NoiseSchedule, num_steps: int) -> UpdateTables:
   the spacing), the last to alpha = 1 or to t = 0 (set_alpha_to_one)."""
   if schedule.clip_sample:
     raise ValueError('clip_sample true is not supported by the ddim sampler (it clips the '
-                     "data prediction); set clip_sample false or use 'dpm_solver++'")
+                     "data prediction); set clip_sample false or use the 'dpm_solver++' sampler")
   timesteps = sampler_timesteps(schedule, 'ddim', num_steps)
   alphas_cumprod = schedule.alphas_cumprod()
   final = 1.0 if schedule.set_alpha_to_one else alphas_cumprod[0]
