@@ -87,7 +87,7 @@ def model_folder(model: str) -> str:
 
 
 start = time.perf_counter()
-pipe = Pipeline.from_diffusers(model_folder(MODEL))
+pipe = Pipeline.from_diffusers(model_folder(MODEL), kind='flow')  # InstaFlow is a flow
 print(f'loaded {MODEL} in {time.perf_counter() - start:.1f} s: '
       f'{pipe.default_size}x{pipe.default_size} images')
 

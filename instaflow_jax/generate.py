@@ -2,17 +2,21 @@ r"""Text to images from a diffusers folder or one of our training runs.
 
   python -m instaflow_jax.generate --model=PATH --prompt="a red circle" [--prompt=...] \
       [--prompts_file=FILE] [--steps=1] [--guidance=0] [--seed=0] [--batch_size=8] \
-      [--stage=NAME] [--params=ema|raw] --out=DIR
+      [--sampler=NAME] [--stage=NAME] [--params=ema|raw] --out=DIR
 
 --model: a diffusers folder (model_index.json), or of ours a workdir (its latest finished
 stage of distill > reflow > rf, or --stage), a stage directory, its params/, or one of its
 checkpoints/STEP directories (EMA params, or the raw ones with --params=raw).
 --prompts_file: one prompt per line (blank lines are skipped), after the --prompt ones.
+--sampler: 'euler' for a flow; 'dpm_solver++' or 'ddim' for a diffusion model (a folder
+whose model_index.json names StableDiffusionPipeline); default 'euler' for a flow,
+'dpm_solver++' for a diffusion model.
 
 Writes DIR/NNNN_<prompt>.png per prompt and DIR/grid.png, all at once when generation has
 succeeded (nothing is written on failure). Image i starts from the noise of image i of
 Pipeline.generate(all prompts, seed=SEED), whatever --batch_size.
-Bad input (a missing file, a model path of no known kind, an unwritable --out) stops the
+Bad input (a missing file, a model path of no known kind, a --sampler that does not fit
+the model, an unwritable --out) stops the
 run before any compute with one line `error: ...` and exit status 1 (cli.py).
 """
 import functools
@@ -38,7 +42,11 @@ _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt (repeat for several)
                                     flag_values=FLAGS)
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file, one prompt per line.',
                                     flag_values=FLAGS)
-_STEPS = flags.DEFINE_integer('steps', 1, 'Euler steps.', lower_bound=1, flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('steps', 1, 'Sampler steps (network evaluations).', lower_bound=1,
+                              flag_values=FLAGS)
+_SAMPLER = flags.DEFINE_enum('sampler', None, ['euler', 'dpm_solver++', 'ddim'], 'The ODE '
+                             "solver (default: a flow's 'euler', a diffusion model's "
+                             "'dpm_solver++').", flag_values=FLAGS)
 _GUIDANCE = flags.DEFINE_float('guidance', 0.0, 'Classifier-free guidance w (used when > 1).',
                                flag_values=FLAGS)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial noise.', flag_values=FLAGS)
@@ -79,16 +87,17 @@ def padded_batches(prompts: Sequence[str], latents: np.ndarray, batch_size: int)
 
 
 def generate_images(pipe: pipeline_lib.Pipeline, prompts: Sequence[str], *, steps: int,
-                    guidance: float, seed: int, batch_size: int):
+                    guidance: float, seed: int, batch_size: int, sampler: str = None):
   """(images [N, H, W, 3] in [0, 1], sampling.Timing). The noise of all N images is drawn
-  at once, as Pipeline.generate draws it, then cut into batches."""
+  at once, as Pipeline.generate draws it, then cut into batches. `sampler` as
+  Pipeline.generate's (None: the model's default)."""
   size = pipe.default_size
   latents = np.asarray(pipe.initial_latents(len(prompts), size, size, seed))
   batches = list(padded_batches(prompts, latents, min(batch_size, len(prompts))))
 
   def run(batch_prompts, batch_latents, count):
     return pipe.generate(batch_prompts, num_inference_steps=steps, guidance_scale=guidance,
-                         latents=batch_latents)[:count]
+                         latents=batch_latents, sampler=sampler)[:count]
 
   def progress(index):
     done = sum(count for _, _, count in batches[:index + 1])
@@ -114,11 +123,12 @@ def write_images(folder: str, prompts: Sequence[str], images: np.ndarray) -> Non
 def generate_from_flags() -> None:
   prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
   source = pipeline_lib.find_model(_MODEL.value, _STAGE.value, _PARAMS.value)
+  sampler = pipeline_lib.sampler_of(pipeline_lib.source_kind(source), _SAMPLER.value)
   with cli.staged_output(_OUT.value, into_existing=True) as staging:
     pipe = pipeline_lib.load_pipeline(source)
     images, timing = generate_images(pipe, prompts, steps=_STEPS.value,
                                      guidance=_GUIDANCE.value, seed=_SEED.value,
-                                     batch_size=_BATCH_SIZE.value)
+                                     batch_size=_BATCH_SIZE.value, sampler=sampler)
     write_images(staging, prompts, images)
   print(f'wrote {len(prompts)} images and {GRID} to {_OUT.value}')
   print(f'compile: {timing.compile_s:.2f} s; generation: {1000 * timing.per_image_s:.1f} '

@@ -1,12 +1,18 @@
-"""Text-to-image with a rectified flow, as the released InstaFlow pipeline does it.
+"""Text-to-image with a rectified flow, as the released InstaFlow pipeline does it, or
+with a diffusion model (Stable Diffusion), as diffusers' StableDiffusionPipeline does it.
 
     pipe = Pipeline.from_diffusers('path/to/instaflow-0.9b')
     images = pipe.generate(['a photo of a cat'], num_inference_steps=1)   # [B, H, W, 3] in [0, 1]
+    sd = Pipeline.from_diffusers('path/to/stable-diffusion-v1-5')        # kind 'diffusion'
+    latents = sd.generate(['a photo of a cat'], num_inference_steps=25, guidance_scale=5.0,
+                          output_type='latent')                           # DPM-Solver++ 2M
 
-A Pipeline holds the three networks and their params, and the tokenizer. It is built from
-a diffusers folder, from a training config's `model` section, or from the trained params
-of one of our runs (workdir.find_trained_params). Prompts are tokenized on the host;
-sampling.py's jitted sampler does the rest.
+A Pipeline holds the three networks and their params, the tokenizer, and its kind: a
+'flow' (a velocity network, solved with Euler) or a 'diffusion' model (with the noise
+schedule of its folder's scheduler config, solved with DPM-Solver++ or DDIM). It is built
+from a diffusers folder, from a training config's `model` section, or from the trained
+params of one of our runs (workdir.find_trained_params); those of our configs and runs
+are flows. Prompts are tokenized on the host; sampling.py's jitted sampler does the rest.
 """
 import dataclasses
 import os
@@ -22,6 +28,7 @@ from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data.tokenizer import tokenize
+from instaflow_jax.flow import diffusion
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
 from instaflow_jax.models import abstract
@@ -37,14 +44,48 @@ Prompts = Union[str, Sequence[str]]
 
 ModelSource = Union[str, workdir_lib.TrainedParams]  # a diffusers folder, or ours
 
+# The samplers of each kind of model, its default first.
+SAMPLERS = {'flow': ('euler',), 'diffusion': diffusion.SAMPLERS}
+# model_index.json's _class_name of a diffusion model; a flow's names a rectified flow.
+DIFFUSION_PIPELINE_CLASSES = ('StableDiffusionPipeline',)
+FLOW_PIPELINE_MARKERS = ('RectifiedFlow', 'InstaFlow')
+# What save_diffusers writes as a flow's class name (the released InstaFlow pipeline's).
+FLOW_PIPELINE_CLASS = 'RectifiedFlowPipeline'
+
 
 def _as_list(prompts: Prompts) -> list:
   return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
+def sampler_of(kind: str, sampler: Optional[str]) -> str:
+  """`sampler`, or the default of this kind of model when None; a misfit is a ValueError."""
+  choices = SAMPLERS[kind]
+  sampler = sampler or choices[0]
+  if sampler not in choices:
+    raise ValueError(f'sampler {sampler!r} does not fit a {kind} model; use one of '
+                     + ', '.join(repr(c) for c in choices) + f' (default {choices[0]!r})')
+  return sampler
+
+
+def folder_kind(path: str, model_index: dict, kind: Optional[str] = None) -> str:
+  """'flow' or 'diffusion': `kind` when given, else what the folder's class name says."""
+  if kind is not None:
+    if kind not in SAMPLERS:
+      raise ValueError(f"kind {kind!r} is unknown; use 'flow' or 'diffusion' instead")
+    return kind
+  class_name = str(model_index.get('_class_name', ''))
+  if class_name in DIFFUSION_PIPELINE_CLASSES:
+    return 'diffusion'
+  if any(marker in class_name for marker in FLOW_PIPELINE_MARKERS):
+    return 'flow'
+  raise ValueError(f'{path}: model_index.json names the class {class_name!r}, neither a '
+                   "flow nor a diffusion model; pass kind ('flow' or 'diffusion')")
+
+
 @dataclasses.dataclass
 class Pipeline:
-  """The three networks of a text-to-image flow, their params, and the tokenizer."""
+  """The three networks of a text-to-image model, their params, the tokenizer, and the
+  kind of model: 'flow', or 'diffusion' with its noise schedule."""
   unet: Any
   unet_params: Any
   vae: Any
@@ -53,18 +94,25 @@ class Pipeline:
   text_encoder_params: Any
   tokenizer: Any
   source: Optional[str] = None  # the diffusers folder it came from, for export of extras
+  kind: str = 'flow'
+  noise_schedule: Optional[diffusion.NoiseSchedule] = None  # of a diffusion model
 
   @classmethod
-  def from_diffusers(cls, path: str, dtype=jnp.float32) -> 'Pipeline':
-    """Loads a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)."""
-    diffusers_io.read_model_index(path)
+  def from_diffusers(cls, path: str, kind: Optional[str] = None,
+                     dtype=jnp.float32) -> 'Pipeline':
+    """Loads a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    and for a diffusion model scheduler/scheduler_config.json). `kind` ('flow' or
+    'diffusion') overrides what model_index.json's class name says."""
+    kind = folder_kind(path, diffusers_io.read_model_index(path), kind)
+    schedule = diffusion.read_noise_schedule(path) if kind == 'diffusion' else None
     parts = {name: diffusers_io.load_component(path, name, dtype)
              for name in ('unet', 'vae', 'text_encoder')}
     return cls(unet=parts['unet'][1], unet_params=parts['unet'][2],
                vae=parts['vae'][1], vae_params=parts['vae'][2],
                text_encoder=parts['text_encoder'][1],
                text_encoder_params=parts['text_encoder'][2],
-               tokenizer=load_tokenizer(os.path.join(path, 'tokenizer')), source=path)
+               tokenizer=load_tokenizer(os.path.join(path, 'tokenizer')), source=path,
+               kind=kind, noise_schedule=schedule)
 
   @classmethod
   def from_config(cls, config, seed: int = 0, workdir: str = '') -> 'Pipeline':
@@ -97,7 +145,7 @@ class Pipeline:
       if not config.diffusers_path:
         raise ValueError('model.diffusers_path is empty: give the diffusers folder, e.g. '
                          '--config=configs/sd15_rf.py:/path/to/stable-diffusion-v1-5')
-      pipe = cls.from_diffusers(config.diffusers_path)
+      pipe = cls.from_diffusers(config.diffusers_path, kind='flow')  # what we train is a flow
       unet = UNet2DConditionModel(pipe.unet.config, dtype=compute_dtype, remat_blocks=config.remat)
       return dataclasses.replace(pipe, unet=unet)
     if config.source != 'embedded':
@@ -150,16 +198,29 @@ class Pipeline:
              self.unet.config.in_channels)
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
+  def solver(self, sampler: Optional[str], num_steps: int) -> sampling.AnySolver:
+    """The solver of `sampler` (None: the kind's default) for this kind of model."""
+    sampler = sampler_of(self.kind, sampler)
+    if self.kind == 'flow':
+      return samplers.Solver(sampler, num_steps)
+    return diffusion.DiffusionSolver(self.noise_schedule, sampler, num_steps)
+
   def generate(self, prompts: Prompts, num_inference_steps: int = 1,
                guidance_scale: float = 0.0, negative_prompts: Optional[Prompts] = None,
                seed: int = 0, latents: Optional[np.ndarray] = None,
-               height: Optional[int] = None, width: Optional[int] = None) -> np.ndarray:
-    """Images float32 [B, H, W, 3] in [0, 1] (diffusers' output_type='np').
+               height: Optional[int] = None, width: Optional[int] = None,
+               sampler: Optional[str] = None, output_type: str = 'np') -> np.ndarray:
+    """Images float32 [B, H, W, 3] in [0, 1] (diffusers' output_type='np'), or with
+    output_type='latent' the final latents, NHWC float32, before decoding.
 
     `latents`, when given, is the NHWC float32 initial noise; otherwise it is drawn from
     `seed`. Guidance is used only when guidance_scale > 1, with the negative prompts (or
-    the empty prompt) as the unconditional branch.
+    the empty prompt) as the unconditional branch. `sampler`: 'euler' for a flow;
+    'dpm_solver++' (the default) or 'ddim' for a diffusion model.
     """
+    if output_type not in ('np', 'latent'):
+      raise ValueError(f"output_type {output_type!r} is unknown; use 'np' or 'latent' instead")
+    solver = self.solver(sampler, num_inference_steps)
     prompts = _as_list(prompts)
     if latents is None:
       latents = self.initial_latents(len(prompts), height or self.default_size,
@@ -176,9 +237,11 @@ class Pipeline:
       if len(negative) != len(prompts):
         raise ValueError(f'{len(negative)} negative prompts for {len(prompts)} prompts')
       uncond_ids = self.tokenize(negative)
-    images, _ = sampling.sample_images(self.modules, self.params, self.tokenize(prompts),
-                                       uncond_ids, latents, jnp.float32(guidance_scale),
-                                       samplers.Solver('euler', num_inference_steps))
+    inputs = (self.modules, self.params, self.tokenize(prompts), uncond_ids, latents,
+              jnp.float32(guidance_scale), solver)
+    if output_type == 'latent':
+      return np.asarray(sampling.sample_latents(*inputs).x1, np.float32)
+    images, _ = sampling.sample_images(*inputs)
     return np.asarray(images, np.float32)
 
   @property
@@ -191,12 +254,15 @@ class Pipeline:
     return {'unet': self.unet_params, 'vae': self.vae_params, 'text': self.text_encoder_params}
 
   def save_diffusers(self, path: str) -> None:
-    """Writes a diffusers folder that diffusers/transformers `from_pretrained` load."""
+    """Writes a diffusers folder that diffusers/transformers `from_pretrained` load. A
+    flow is written as a RectifiedFlowPipeline; a diffusion model keeps its folder's
+    class name and scheduler."""
     diffusers_io.save_pipeline(path, {'unet': (self.unet.config, self.unet_params),
                                       'vae': (self.vae.config, self.vae_params),
                                       'text_encoder': (self.text_encoder.config,
                                                        self.text_encoder_params)},
-                               self.tokenizer, base=self.source)
+                               self.tokenizer, base=self.source,
+                               class_name=FLOW_PIPELINE_CLASS if self.kind == 'flow' else None)
 
 
 def load_tokenizer(path: str):
@@ -218,6 +284,14 @@ def find_model(path: str, stage: str = '', params: str = 'ema') -> ModelSource:
   trained = workdir_lib.find_trained_params(path, stage, params)
   trained.model_config()  # a missing or broken config.json stops here, before any compute
   return trained
+
+
+def source_kind(source: ModelSource) -> str:
+  """The kind of model that find_model found, read without loading weights: a folder's
+  from its class name, ours a flow."""
+  if isinstance(source, str):
+    return folder_kind(source, diffusers_io.read_model_index(source))
+  return 'flow'
 
 
 def load_pipeline(source: ModelSource) -> Pipeline:

@@ -1,18 +1,23 @@
 """The jitted text-to-image sampler, and the frozen networks' parts of it.
 
-Everything after tokenization (text encoder, the ODE solve of the flow with optional
-classifier-free guidance, the VAE decoder, the conversion to [0, 1]) is one jitted
-function, compiled once per (modules, batch, size, solver, guidance on/off).
+Everything after tokenization (text encoder, the ODE solve of the flow or of the diffusion
+model's probability-flow ODE, with optional classifier-free guidance, the VAE decoder, the
+conversion to [0, 1]) is one jitted function, compiled once per (modules, batch, size,
+solver, guidance on/off).
 """
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
+from instaflow_jax.flow import diffusion
 from instaflow_jax.flow import samplers
+
+# A flow's solver (Euler, Dopri5) or a diffusion model's (DPM-Solver++, DDIM).
+AnySolver = Union[samplers.Solver, diffusion.DiffusionSolver]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +49,10 @@ def decode_to_images(modules: PipelineModules, params, latents: jax.Array) -> ja
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, latents,
-                   guidance_scale, solver: samplers.Solver):
-  """Integrates the text-conditioned flow from the noise `latents`: a samplers.Solution
-  (X1 latents, NFE, straightness).
+                   guidance_scale, solver: AnySolver):
+  """Solves the text-conditioned flow (a samplers.Solver) or diffusion model's ODE (a
+  diffusion.DiffusionSolver) from the noise `latents`: a samplers.Solution (final
+  latents, NFE, straightness).
 
   With `uncond_ids` (the negative or empty prompts), classifier-free guidance with
   `guidance_scale` is applied; without, the text branch alone.
@@ -57,13 +63,16 @@ def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, late
   def apply_unet(x, t, embeds):
     return modules.unet.apply({'params': params['unet']}, x, t, embeds)
 
+  if isinstance(solver, diffusion.DiffusionSolver):
+    network = samplers.guided_network(apply_unet, text_embeds, uncond_embeds, guidance_scale)
+    return diffusion.integrate(network, latents, solver)
   velocity = samplers.conditional_velocity(apply_unet, text_embeds, uncond_embeds, guidance_scale)
   return samplers.integrate(velocity, latents, solver)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def sample_images(modules: PipelineModules, params, token_ids, uncond_ids, latents,
-                  guidance_scale, solver: samplers.Solver):
+                  guidance_scale, solver: AnySolver):
   """sample_latents, decoded to images in [0, 1]: (images, its samplers.Solution)."""
   solution = sample_latents(modules, params, token_ids, uncond_ids, latents, guidance_scale,
                             solver)

@@ -68,7 +68,7 @@ def test_images_are_those_of_pipeline_generate(folder, pipe, tmp_path, capsys):
 def test_batches_are_padded_and_the_noise_is_drawn_once(pipe):
   calls = []
 
-  def fake_generate(prompts, num_inference_steps, guidance_scale, latents):
+  def fake_generate(prompts, num_inference_steps, guidance_scale, latents, sampler):
     calls.append(list(prompts))
     return np.asarray(latents)[..., :3]  # the images show which noise each one got
 
@@ -133,10 +133,26 @@ def test_bad_input_is_one_line_before_any_compute(folder, tmp_path, monkeypatch)
       'error: no prompts: give --prompt or --prompts_file')
   assert error_of(*ok, f'--out={tmp_path}/o', '--stage=rf') == (
       f'error: {folder} is a diffusers folder: --stage and --params apply to our checkpoints only')
+  assert error_of(*ok, f'--out={tmp_path}/o', '--sampler=ddim') == (
+      "error: sampler 'ddim' does not fit a flow model; use one of 'euler' (default 'euler')")
   assert error_of('--prompt=x') == ('error: flag --model=None: Flag --model must have a value '
                                     'other than None.; flag --out=None: Flag --out must have a '
                                     'value other than None.')
   assert not os.path.exists(tmp_path / 'o')
+
+
+def test_sampler_of_a_diffusion_model(tmp_path):
+  folder = str(tmp_path / 'sd')
+  tiny_models.write_tiny_sd_pipeline(folder)
+  out = tmp_path / 'out'
+  run_generate(f'--model={folder}', f'--prompt={PROMPTS[0]}', '--steps=2', '--sampler=ddim',
+               f'--out={out}')
+  expected = pipeline_lib.Pipeline.from_diffusers(folder).generate(
+      PROMPTS[:1], num_inference_steps=2, sampler='ddim', seed=0)
+  assert np.abs(read_png(out / '0000_a-red-dot.png') - image_io.to_uint8(expected[0])).max() <= 1
+  assert error_of(f'--model={folder}', '--prompt=x', '--sampler=euler', f'--out={tmp_path}/o') == (
+      "error: sampler 'euler' does not fit a diffusion model; use one of 'dpm_solver++', "
+      "'ddim' (default 'dpm_solver++')")
 
 
 def test_a_failure_leaves_no_output(tmp_path):

@@ -66,8 +66,33 @@ def tiny_text_config(vocab_size: int) -> dict:
               pad_token_id=vocab_size - 1)
 
 
-def write_tiny_pipeline(path: str, seed: int = 0) -> dict:
-  """A random diffusers pipeline folder saved with save_pretrained; returns the torch parts."""
+# Stable Diffusion 1.5's scheduler config, with the spacing that its PNDM scheduler uses.
+SD15_SCHEDULER = {'_class_name': 'PNDMScheduler', 'beta_start': 0.00085, 'beta_end': 0.012,
+                  'beta_schedule': 'scaled_linear', 'num_train_timesteps': 1000,
+                  'steps_offset': 1, 'timestep_spacing': 'leading', 'set_alpha_to_one': False,
+                  'clip_sample': False, 'skip_prk_steps': True, 'trained_betas': None}
+
+
+def write_tiny_sd_pipeline(path: str, prediction_type: str = 'epsilon') -> dict:
+  """A tiny random StableDiffusionPipeline folder (a diffusion model) with SD 1.5's
+  scheduler config and `prediction_type`; returns the torch parts and that config."""
+  parts = write_tiny_pipeline(path, class_name='StableDiffusionPipeline')
+  os.makedirs(os.path.join(path, 'scheduler'))
+  config = {**SD15_SCHEDULER, 'prediction_type': prediction_type}
+  with open(os.path.join(path, 'scheduler', 'scheduler_config.json'), 'w') as f:
+    json.dump(config, f)
+  index_path = os.path.join(path, 'model_index.json')
+  with open(index_path) as f:
+    index = json.load(f)
+  with open(index_path, 'w') as f:
+    json.dump({**index, 'scheduler': ['diffusers', 'PNDMScheduler']}, f)
+  return {**parts, 'scheduler_config': config}
+
+
+def write_tiny_pipeline(path: str, seed: int = 0,
+                        class_name: str = 'RectifiedFlowPipeline') -> dict:
+  """A random diffusers pipeline folder saved with save_pretrained, a flow unless
+  `class_name` says otherwise; returns the torch parts."""
   from diffusers import AutoencoderKL, UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
   torch.manual_seed(seed)
@@ -80,7 +105,7 @@ def write_tiny_pipeline(path: str, seed: int = 0) -> dict:
   vae.save_pretrained(os.path.join(path, 'vae'))
   text_encoder.save_pretrained(os.path.join(path, 'text_encoder'))
   with open(os.path.join(path, 'model_index.json'), 'w') as f:
-    json.dump({'_class_name': 'StableDiffusionPipeline', '_diffusers_version': '0.42.1',
+    json.dump({'_class_name': class_name, '_diffusers_version': '0.42.1',
                'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
                'text_encoder': ['transformers', 'CLIPTextModel'],
                'tokenizer': ['transformers', 'CLIPTokenizer']}, f)

@@ -184,9 +184,13 @@ def copy_component(source_folder: str, folder: str, name: str) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
-def model_index_for(components: Mapping[str, Tuple[str, str]], base: Mapping = None) -> dict:
-  """model_index.json content: `base` (the source folder's index) with our components."""
+def model_index_for(components: Mapping[str, Tuple[str, str]], base: Mapping = None,
+                    class_name: str = None) -> dict:
+  """model_index.json content: `base` (the source folder's index) with our components,
+  and `class_name` when given (else the base's, or StableDiffusionPipeline)."""
   index = dict(base or {'_class_name': 'StableDiffusionPipeline'})
+  if class_name:
+    index['_class_name'] = class_name
   index.setdefault('_diffusers_version', _diffusers_version())
   for name, (library, class_name) in components.items():
     index[name] = [library, class_name]
@@ -202,12 +206,13 @@ def _diffusers_version() -> str:
 
 
 def save_pipeline(path: str, networks: Mapping[str, Tuple[Any, Any]], tokenizer,
-                  base: str = None) -> None:
+                  base: str = None, class_name: str = None) -> None:
   """Writes a diffusers folder that diffusers/transformers `from_pretrained` load.
 
   networks: {component: (config, params)} of each of COMPONENTS. The components we do not
   convert (scheduler, safety checker, ...) are copied from the folder `base`, when given,
-  and its model_index.json is kept with our components' entries."""
+  and its model_index.json is kept with our components' entries (and `class_name`, the
+  pipeline class, when given)."""
   os.makedirs(path, exist_ok=True)
   for name in COMPONENTS:
     save_component(path, name, *networks[name])
@@ -220,7 +225,8 @@ def save_pipeline(path: str, networks: Mapping[str, Tuple[Any, Any]], tokenizer,
       copy_component(base, path, name)
   components = {name: (spec.library, spec.class_name) for name, spec in COMPONENTS.items()}
   components['tokenizer'] = ('transformers', 'CLIPTokenizer')
-  write_json(os.path.join(path, MODEL_INDEX), model_index_for(components, base_index or None))
+  write_json(os.path.join(path, MODEL_INDEX), model_index_for(components, base_index or None,
+                                                               class_name))
 
 
 def is_pipeline_folder(path: str) -> bool:

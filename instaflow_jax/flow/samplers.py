@@ -52,26 +52,34 @@ def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array, num_steps: i
   return x1, jnp.maximum(squares / num_steps - per_example(x1 - x0), 0.0)
 
 
+def guided_network(apply_fn: Callable, text_embeds: jax.Array,
+                   uncond_embeds: Optional[jax.Array] = None,
+                   guidance_scale=1.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """A text-conditioned network at its own timesteps [batch], with classifier-free guidance.
+
+  `apply_fn(x, timesteps, embeds)` evaluates the network. With `uncond_embeds` given, both
+  branches run as one batch [uncond; text], as the released pipeline and diffusers'
+  StableDiffusionPipeline do, and are combined with `rectified_flow.guided_velocity`
+  (out = out_uncond + w * (out_text - out_uncond), whatever the network predicts).
+  """
+  def guided(x, t):
+    if uncond_embeds is None:
+      return apply_fn(x, t, text_embeds)
+    out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                   jnp.concatenate([uncond_embeds, text_embeds]))
+    out_uncond, out_text = jnp.split(out, 2)
+    return rectified_flow.guided_velocity(out_uncond, out_text, guidance_scale)
+
+  return guided
+
+
 def conditional_velocity(apply_fn: Callable, text_embeds: jax.Array,
                          uncond_embeds: Optional[jax.Array] = None,
                          guidance_scale=1.0) -> VelocityFn:
-  """The velocity field of a text-conditioned network, with classifier-free guidance.
-
-  `apply_fn(x, timesteps, embeds)` evaluates the network at its own time input.
-  With `uncond_embeds` given, both branches run as one batch [uncond; text], as the
-  released pipeline does, and are combined with `rectified_flow.guided_velocity`.
-  """
-  def velocity(x, s):
-    batch = x.shape[0]
-    if uncond_embeds is None:
-      t = jnp.full((batch,), rectified_flow.network_time(s))
-      return apply_fn(x, t, text_embeds)
-    t = jnp.full((2 * batch,), rectified_flow.network_time(s))
-    v = apply_fn(jnp.concatenate([x, x]), t, jnp.concatenate([uncond_embeds, text_embeds]))
-    v_uncond, v_text = jnp.split(v, 2)
-    return rectified_flow.guided_velocity(v_uncond, v_text, guidance_scale)
-
-  return velocity
+  """The velocity field of a text-conditioned flow network, with classifier-free guidance
+  (guided_network), at flow time s: the network sees rectified_flow.network_time(s)."""
+  network = guided_network(apply_fn, text_embeds, uncond_embeds, guidance_scale)
+  return lambda x, s: network(x, jnp.full((x.shape[0],), rectified_flow.network_time(s)))
 
 
 @dataclasses.dataclass(frozen=True)

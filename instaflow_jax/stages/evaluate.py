@@ -121,7 +121,8 @@ def model_pipeline(eval_config, workdir: str, model: str) -> pipeline_lib.Pipeli
   or the diffusers folder eval.paths gives for `model` (e.g. the released InstaFlow-0.9B)."""
   folder = eval_config.get('paths', {}).get(model)
   if folder:
-    return pipeline_lib.Pipeline.from_diffusers(folder)
+    # eval solves flows (Euler, Dopri5), whatever class name the folder carries
+    return pipeline_lib.Pipeline.from_diffusers(folder, kind='flow')
   return pipeline_lib.Pipeline.from_checkpoint(
       workdir_lib.find_trained_params(workdir, stage=model))
 
