@@ -7,6 +7,7 @@ import os
 import ml_collections
 import pytest
 
+from instaflow_jax import config_checks
 from instaflow_jax import stages
 
 CONFIGS = ['shapes', 'sd15_rf', 'sd15_pairs', 'sd15_reflow', 'sd15_distill', 'instaflow_1_7b',
@@ -28,6 +29,11 @@ def test_config_loads_with_sections_for_its_stages(name):
     for model in config.eval.models:
       for section in ('steps', 'guidance', 'labels'):
         assert model in config.eval[section], (name, model, section)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_passes_the_checks_a_run_starts_with(name):
+  config_checks.check_config(_load(name))
 
 
 @pytest.mark.parametrize('variant', ['quick', None])
