@@ -3,6 +3,10 @@ range, and the image size the data gives the model. A bad value stops the run wi
 line naming the field (main prints it as `error: ...`); nothing is computed or written.
 
 Only the sections of the stages that `config.stages` names are checked.
+
+A stage is named by its kind ('rf', 'reflow', ...), or, for a training stage that runs a
+second time with other settings (the 2-RF's phase at a larger batch, say), by a name of its
+own whose config section gives the kind: `config.reflow_large.kind = 'reflow'`.
 """
 import json
 import math
@@ -10,6 +14,7 @@ import os
 
 import ml_collections
 
+STAGE_KINDS = ('rf', 'pairs', 'reflow', 'distill', 'eval')  # the recipe's, in its order
 TRAINING_STAGES = ('rf', 'reflow', 'distill')
 
 # Whole numbers >= 1, per section (a section checks those of its fields it has: the
@@ -97,11 +102,24 @@ def _check_image_size(config) -> None:
         f'--config.data.image_size={expected}')
 
 
+def stage_kind(config: ml_collections.ConfigDict, stage: str) -> str:
+  """The kind of stage that `stage` of config.stages runs (ValueError for none)."""
+  if stage in STAGE_KINDS:
+    return stage
+  section = config.get(stage)
+  kind = section.get('kind') if isinstance(section, ml_collections.ConfigDict) else None
+  if kind not in TRAINING_STAGES:
+    raise ValueError(f'config.stages names {stage!r}: neither a stage ({", ".join(STAGE_KINDS)}) '
+                     f'nor a section config.{stage} whose kind is one of '
+                     f'{", ".join(TRAINING_STAGES)}')
+  return kind
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first field of `config` out of its range."""
   stages = tuple(config.stages)
-  for stage in TRAINING_STAGES:
-    if stage in stages:
+  for stage in stages:
+    if stage_kind(config, stage) in TRAINING_STAGES:
       _check_training(config, stage)
   for section, names in COUNTS.items():
     if section in stages:

@@ -157,8 +157,10 @@ def find_trained_params(path: str, stage: str = '', params: str = 'ema') -> Trai
   """
   if params not in ('ema', 'raw'):
     raise ValueError(f"params={params!r}: use 'ema' or 'raw'")
-  if stage and stage not in TRAINED_STAGES:
-    raise ValueError(f'stage {stage!r} has no U-Net params; use one of {TRAINED_STAGES}')
+  if stage and stage not in TRAINED_STAGES and not os.path.isdir(
+      os.path.join(path, stage, FINAL_PARAMS)):
+    raise ValueError(f'stage {stage!r} has no U-Net params; use one of {TRAINED_STAGES} or '
+                     'another stage with a params/ directory')
   path = os.path.abspath(os.path.join(path, stage))
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: directory not found')

@@ -107,7 +107,8 @@ CASES = [Case(*case) for case in [
     ('wrong type', nothing, ('rf',), ['--config.rf.steps=many'],
      'error: flag --config.rf.steps=many: invalid literal for int()'),
     ('unknown stage', nothing, ('rf', 'paint'), [],
-     "error: config.stages names unknown stage 'paint'"),
+     "error: config.stages names 'paint': neither a stage (rf, pairs, reflow, distill, eval) "
+     'nor a section config.paint whose kind is one of rf, reflow, distill'),
     ('unknown dataset', nothing, ('rf',), ['--config.data.name=no_such_dataset'],
      "error: tfds dataset 'no_such_dataset' not found"),
 ]]

@@ -131,3 +131,21 @@ def test_sd_config_resolves_to_its_recorded_values(name):
 
 if __name__ == '__main__':
   _record_sd_configs()
+
+
+def test_a_stage_of_its_own_name_runs_the_kind_its_section_gives():
+  from configs import shapes
+  config = shapes.get_config('quick')
+  with config.unlocked():
+    config.reflow_large = config.reflow.copy_and_resolve_references()
+    config.reflow_large.kind = 'reflow'
+    config.paint = ml_collections.ConfigDict({'kind': 'pairs'})
+  assert config_checks.stage_kind(config, 'reflow') == 'reflow'
+  assert config_checks.stage_kind(config, 'reflow_large') == 'reflow'
+  for name in ('paint', 'nothing'):  # only training stages run twice; no section, no kind
+    with pytest.raises(ValueError, match=f"config.stages names '{name}': neither a stage"):
+      config_checks.stage_kind(config, name)
+  config.stages = ('reflow_large',)
+  config.reflow_large.steps = 0  # its section is checked as the kind's
+  with pytest.raises(ValueError, match='config.reflow_large.steps = 0'):
+    config_checks.check_config(config)

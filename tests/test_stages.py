@@ -152,3 +152,28 @@ def test_stacked_student_starts_from_the_2rf_and_is_distilled_by_it(quick_chain,
   expected = init_from_unet(single, student.unet.config)
   assert jax.tree.all(jax.tree.map(np.array_equal, start, expected))
   assert checkpoint.top_level_names(reflow_params) >= {'conv_in', 'mid_block'}
+
+
+def test_a_second_phase_at_a_larger_batch_is_a_stage_of_its_own(quick_chain, tfds_dir, tmp_path):
+  """The 2-RF's two phases in one config: stage 'reflow_large', of kind 'reflow', starts from
+  the first phase's params and trains at twice its batch; the first phase is not rerun."""
+  workdir = str(tmp_path / 'w')
+  for name in ('text', 'pairs', 'reflow'):
+    shutil.copytree(os.path.join(quick_chain, name), os.path.join(workdir, name))
+  config = quick_config(tfds_dir, 'pairs', 'reflow', 'reflow_large')
+  with config.unlocked():
+    config.reflow_large = config.reflow.copy_and_resolve_references()
+  config.reflow_large.update(dict(kind='reflow', init='reflow', steps=4, log_every=2,
+                                  checkpoint_every=4, sample_every=4,
+                                  batch_size=2 * config.reflow.batch_size))
+  stages.run_all(config, workdir)
+  stage_dir = os.path.join(workdir, 'reflow_large')
+  assert workdir_lib.is_complete(stage_dir)
+  assert workdir_lib.read_stage_config(os.path.join(workdir, 'reflow'))['reflow']['steps'] == (
+      config.reflow.steps)  # the first phase's own config.json, untouched
+  assert workdir_lib.read_stage_config(stage_dir)['reflow_large']['batch_size'] == (
+      2 * config.reflow.batch_size)
+  losses = [r['loss'] for r in loop.read_metrics(stage_dir) if 'loss' in r]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  trained = workdir_lib.find_trained_params(workdir, stage='reflow_large')
+  assert trained.params_path == os.path.join(stage_dir, workdir_lib.FINAL_PARAMS)

@@ -103,25 +103,26 @@ def distillation_loss(modules, config, lpips_module=None):
 
 
 def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
-  distill_config = config.distill
+  stage = os.path.basename(os.path.normpath(stage_dir))  # its config section
+  distill_config = config[stage]
   workdir = os.path.dirname(stage_dir)
   # Everything that can be missing is checked before the first compile.
-  workdir_lib.stage_params_path(workdir, distill_config.teacher, 'distill.teacher')
+  workdir_lib.stage_params_path(workdir, distill_config.teacher, f'{stage}.teacher')
   if distill_config.init:
-    workdir_lib.stage_params_path(workdir, distill_config.init, 'distill.init')
+    workdir_lib.stage_params_path(workdir, distill_config.init, f'{stage}.init')
   lpips_module, lpips_params = load_lpips_if_needed(distill_config)
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
   teacher = common.load_unet_params(
       stacked_unet.base_unet(pipe.unet),
-      workdir_lib.stage_params_path(workdir, distill_config.teacher, 'distill.teacher'),
-      'distill.teacher')
-  student = common.initial_unet_params(pipe, workdir, distill_config.init, 'distill.init')
+      workdir_lib.stage_params_path(workdir, distill_config.teacher, f'{stage}.teacher'),
+      f'{stage}.teacher')
+  student = common.initial_unet_params(pipe, workdir, distill_config.init, f'{stage}.init')
   frozen = dict(common.frozen_params(pipe), teacher=teacher)
   if lpips_module is not None:
     frozen['lpips'] = lpips_params
   data = common.training_input(config, stage_dir, pipe, distill_config)
   loop.train(
-      distill_config, stage_dir, stage='distill', init_params=student, frozen=frozen,
+      distill_config, stage_dir, stage=stage, init_params=student, frozen=frozen,
       loss_fn=distillation_loss(pipe.modules, distill_config, lpips_module),
       batches=data.batches,
       sample_fn=common.make_sample_fn(

@@ -74,28 +74,21 @@ def flow_matching_loss(modules: sampling.PipelineModules, config: ml_collections
   return loss_fn
 
 
-def train_flow_stage(config: ml_collections.ConfigDict, stage_dir: str,
-                     stage: str) -> Mapping[str, Any]:
-  """Stage 'rf' (independent noise) or 'reflow' (the teacher's coupled pairs)."""
+def run_train_flow(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
+  """A stage of kind 'rf' (independent noise) or 'reflow' (the teacher's coupled pairs,
+  `pairs` of its section), with the config section named as its directory."""
+  stage = os.path.basename(os.path.normpath(stage_dir))
   train_config = config[stage]
   pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed,
                                            workdir=os.path.dirname(stage_dir))
   init_params = common.initial_unet_params(pipe, os.path.dirname(stage_dir), train_config.init,
-                                    f'{stage}.init')
+                                           f'{stage}.init')
   data = common.training_input(config, stage_dir, pipe, train_config)
+  prompts = common.sample_prompts(config, train_config.num_samples)
   loop.train(
       train_config, stage_dir, stage=stage, init_params=init_params,
       frozen=common.frozen_params(pipe), loss_fn=flow_matching_loss(pipe.modules, train_config),
       batches=data.batches,
-      sample_fn=common.make_sample_fn(pipe, common.sample_prompts(config, train_config.num_samples),
-                               train_config, config.seed),
+      sample_fn=common.make_sample_fn(pipe, prompts, train_config, config.seed),
       seed=config.seed, param_axes=parallel.logical_axes(pipe.unet), run_config=config)
   return {'steps': train_config.steps, 'examples_per_epoch': len(data)}
-
-
-def run_rf(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
-  return train_flow_stage(config, stage_dir, 'rf')
-
-
-def run_reflow(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
-  return train_flow_stage(config, stage_dir, 'reflow')
