@@ -79,8 +79,8 @@ def _modules(cfg: BenchConfig, dtype, param_dtype) -> dict:
 
 
 def _pipeline_modules(modules: dict):
-  from instaflow_jax import pipeline
-  return pipeline.PipelineModules(modules['unet'], modules['vae'], modules['text_encoder'])
+  from instaflow_jax import sampling
+  return sampling.PipelineModules(modules['unet'], modules['vae'], modules['text_encoder'])
 
 
 def _inference_tasks(cfg: BenchConfig, f32: dict, low: dict, params: dict, reference) -> dict:
@@ -88,7 +88,7 @@ def _inference_tasks(cfg: BenchConfig, f32: dict, low: dict, params: dict, refer
   the float32 check (with the reference only), one-step generation, U-Net, teacher pairs."""
   import jax
   import jax.numpy as jnp
-  from instaflow_jax import pipeline
+  from instaflow_jax import sampling
   from instaflow_jax.flow import samplers
   compute = jnp.dtype(cfg.dtype)
   the_modules = _pipeline_modules(low)
@@ -105,11 +105,11 @@ def _inference_tasks(cfg: BenchConfig, f32: dict, low: dict, params: dict, refer
     return states, v, decoded
 
   def generate(p, ids, noise):
-    return pipeline.sample_images(the_modules, p, ids, None, noise, jnp.float32(0.0),
+    return sampling.sample_images(the_modules, p, ids, None, noise, jnp.float32(0.0),
                                   samplers.Solver('euler', 1))[0]
 
   def teacher_pairs(p, ids, uncond_ids, noise):
-    return pipeline.sample_latents(the_modules, p, ids, uncond_ids, noise,
+    return sampling.sample_latents(the_modules, p, ids, uncond_ids, noise,
                                    jnp.float32(cfg.guidance),
                                    samplers.Solver('euler', cfg.pairs_steps)).x1
 
@@ -257,10 +257,10 @@ def _reference_params(cfg: BenchConfig, modules: dict, rec: Recorder):
   """(reference models, their weights converted into ours, keyed as the pipeline expects).
 
   Without the reference (diffusers missing, say), ours still runs, on its own random init."""
-  import jax
-  from flax import linen as nn
   from instaflow_jax.convert import diffusers as diffusers_io
   from instaflow_jax.convert.torch_names import torch_state_to_flax
+  from instaflow_jax.models.abstract import abstract_variables
+  from instaflow_jax.models.abstract import init_params
   rec.log('building the reference models')
   try:
     reference = build_reference(cfg)
@@ -273,11 +273,10 @@ def _reference_params(cfg: BenchConfig, modules: dict, rec: Recorder):
     if reference:
       state = {k: v.detach().numpy() for k, v in reference[name].state_dict().items()}
       params[name] = torch_state_to_flax(
-          diffusers_io.COMPONENTS[name].fix_state(state), diffusers_io.abstract_variables(module),
+          diffusers_io.COMPONENTS[name].fix_state(state), abstract_variables(module),
           f'reference {name}')
     else:
-      variables = jax.jit(module.init)(jax.random.key(SEED), *module.example_inputs())
-      params[name] = nn.meta.unbox(variables)['params']
+      params[name] = init_params(module, SEED)
   rec.log('converted' if reference else 'initialised')
   return reference, {'unet': params['unet'], 'vae': params['vae'], 'text': params['text_encoder']}
 
