@@ -8,6 +8,7 @@ from absl import logging
 from instaflow_jax import config_checks
 from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.stages import common
 from instaflow_jax.stages import distill
 from instaflow_jax.stages import evaluate
 from instaflow_jax.stages import pairs
@@ -35,6 +36,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
   if unknown:
     raise ValueError(f'config.stages names unknown stage {unknown[0]!r}; known: {sorted(STAGES)}')
   config_checks.check_config(config)
+  common.check_prompts_files(config)
   workdir_lib.ensure_workdir(workdir)
   stored_text_side = text_side.store_text_side(config, workdir)
   try:
