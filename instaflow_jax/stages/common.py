@@ -42,10 +42,15 @@ def model_inputs(modules: sampling.PipelineModules, frozen, batch, rng):
   return x1, text_embeddings(modules, frozen, batch)
 
 
+def prompts_file(config: ml_collections.ConfigDict, field: str = 'prompts_file') -> str:
+  """data.<field>, '' where the config has none (configs written before the field)."""
+  return config.data.get(field, '')
+
+
 def held_out_captions(config: ml_collections.ConfigDict) -> Sequence[list]:
   """Each held-out example's captions: data.eval_prompts_file's lines, or eval_split's."""
   return input_lib.example_captions(config.data, config.data.eval_split,
-                                    config.data.eval_prompts_file)
+                                    prompts_file(config, 'eval_prompts_file'))
 
 
 def sample_prompts(config: ml_collections.ConfigDict, count: int) -> list:
@@ -58,8 +63,8 @@ def check_prompts_files(config: ml_collections.ConfigDict) -> None:
   """Every prompts file the config names is readable and holds a prompt: checked before
   the first stage, so that a later stage cannot fail on it after hours of work."""
   for field in ('prompts_file', 'eval_prompts_file'):
-    if config.data.get(field):
-      input_lib.read_prompts(config.data[field])
+    if prompts_file(config, field):
+      input_lib.read_prompts(prompts_file(config, field))
 
 
 def make_sample_fn(pipe: pipeline_lib.Pipeline, prompts, train_config, seed: int) -> Callable:
@@ -96,8 +101,8 @@ def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, trai
   stage that needs `prompts_only` reads data.prompts_file's prompts when it names one."""
   kwargs = dict(global_batch_size=train_config.batch_size, seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
-  if not train_config.pairs and prompts_only and config.data.prompts_file:
-    return input_lib.PromptsInput(input_lib.read_prompts(config.data.prompts_file),
+  if not train_config.pairs and prompts_only and prompts_file(config):
+    return input_lib.PromptsInput(input_lib.read_prompts(prompts_file(config)),
                                   pipe.tokenizer, **kwargs)
   if not train_config.pairs:
     return input_lib.create_input(input_lib.input_config(config.data, config.data.train_split),

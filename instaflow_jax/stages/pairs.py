@@ -61,7 +61,7 @@ def pair_captions(captions: Sequence[list], indices) -> list:
 
 def prompt_captions(config: ml_collections.ConfigDict) -> Sequence[list]:
   """The pairs' prompts: data.prompts_file's lines, or the captions of pairs.split."""
-  return input_lib.example_captions(config.data, config.pairs.split, config.data.prompts_file)
+  return input_lib.example_captions(config.data, config.pairs.split, common.prompts_file(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +97,9 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
   pairs_config = config.pairs
   if is_teacher_folder(pairs_config.teacher):
     pipe = pipeline_lib.Pipeline.from_diffusers(pairs_config.teacher,
-                                                kind=pairs_config.teacher_kind or None)
-    if pipe.kind == 'diffusion':
-      solver = pipe.solver(pairs_config.sampler, pairs_config.num_steps)
+                                                kind=pairs_config.get('teacher_kind') or None)
+    if pipe.kind == 'diffusion':  # a config without pairs.sampler: the kind's default
+      solver = pipe.solver(pairs_config.get('sampler'), pairs_config.num_steps)
     else:
       solver = flow_solver(pairs_config)
     return Teacher(pipe, solver, pairs_config.teacher)
@@ -135,7 +135,7 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
   params = parallel.put(pipe.params, layout.replicated)
   latent_shape = pipe.latent_shape
   ranges = pairs_lib.shard_ranges(pairs_config.num_pairs, pairs_config.shard_size)
-  prompts = (f'file:{config.data.prompts_file}' if config.data.prompts_file
+  prompts = (f'file:{common.prompts_file(config)}' if common.prompts_file(config)
              else f'{config.data.name}:{pairs_config.split}')
   meta = {
       'latent_shape': list(latent_shape), 'max_length': int(pipe.tokenizer.model_max_length),
