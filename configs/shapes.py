@@ -31,6 +31,13 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       image_key='image',
       caption_key='caption',
       image_size=16 if quick else 24,
+      # UTF-8 text files of prompts, one a line ('' = the tfds captions), for what needs
+      # prompts only: prompts_file for pairs and distill, eval_prompts_file for the sample
+      # grids. rf trains on the dataset's images and eval measures against its held-out
+      # images. Surrounding whitespace is stripped, empty lines skipped, duplicates kept
+      # (data/input.py read_prompts).
+      prompts_file='',
+      eval_prompts_file='',
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -75,12 +82,17 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
 
   # The teacher (1-RF) integrates its ODE from noise to images: the coupled pairs.
   c.pairs = ml_collections.ConfigDict(dict(
-      teacher='rf',                 # a stage of this workdir (its final params), or a path
-      split='train',                # the prompts
+      # A stage of this workdir (its final params), an absolute path of params, or an
+      # absolute path of a diffusers folder: a diffusion model (Stable Diffusion itself, as
+      # in the paper) or a flow; a folder teacher brings its own text encoder and tokenizer.
+      teacher='rf',
+      teacher_kind='',              # a folder's 'flow' or 'diffusion'; '' = its class name's
+      split='train',                # the prompts (unless data.prompts_file)
       num_pairs=64 if quick else 1024,
       shard_size=8 if quick else 256,
       batch_size=8 if quick else 128,
-      solver='euler',               # or 'dopri5' (adaptive; rtol/atol)
+      solver='euler',               # a flow teacher's: or 'dopri5' (adaptive; rtol/atol)
+      sampler='dpm_solver++',       # a diffusion teacher's: or 'ddim'
       num_steps=4 if quick else 8,
       rtol=1e-3, atol=1e-3,
       guidance=3.0,                 # w; the paper used 5.0 for SD 1.5 pairs

@@ -4,6 +4,7 @@ Each case must end with a non-zero exit, a last stderr line `error: ...`, no tra
 and the workdir exactly as it was (every file's path and bytes).
 """
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -64,12 +65,37 @@ def nothing(quick_chain, workdir: str) -> None:
 WIDER = "--config.model.unet.block_out_channels=(16,48)"
 
 
+def empty_prompts_file(quick_chain, workdir: str) -> None:
+  del quick_chain
+  with open(os.path.join(workdir, 'prompts.txt'), 'w') as f:
+    f.write('\n  \n\n')
+
+
+def sd_folder_with_scheduler(**fields) -> Callable[[str, str], None]:
+  """Prepares WORKDIR/sd: a tiny random SD folder whose scheduler config has `fields`."""
+  def prepare(quick_chain, workdir: str) -> None:
+    del quick_chain
+    from tests import tiny_models
+    folder = os.path.join(workdir, 'sd')
+    tiny_models.write_tiny_sd_pipeline(folder)
+    path = os.path.join(folder, 'scheduler', 'scheduler_config.json')
+    with open(path) as f:
+      config = json.load(f)
+    with open(path, 'w') as f:
+      json.dump({**config, **fields}, f)
+  return prepare
+
+
+SD_TEACHER = ['--config.model.source=diffusers', '--config.model.diffusers_path={workdir}/sd',
+              '--config.pairs.teacher={workdir}/sd']
+
+
 
 class Case(NamedTuple):
   name: str
   prepare: Callable[[str, str], None]  # (quick_chain, workdir): what the workdir holds
   stages: tuple
-  flags: list
+  flags: list  # {workdir} is filled in
   message: str  # the start of the last stderr line; {workdir} is filled in
   config: str = 'configs/shapes.py:quick'
 
@@ -111,6 +137,21 @@ CASES = [Case(*case) for case in [
      'nor a section config.paint whose kind is one of rf, reflow, distill'),
     ('unknown dataset', nothing, ('rf',), ['--config.data.name=no_such_dataset'],
      "error: tfds dataset 'no_such_dataset' not found"),
+    ('missing prompts file', nothing, ('pairs',),
+     ['--config.data.prompts_file={workdir}/no_prompts.txt'],
+     'error: prompts file {workdir}/no_prompts.txt: No such file or directory; give a text '
+     'file with one prompt a line'),
+    ('empty prompts file', empty_prompts_file, ('pairs',),
+     ['--config.data.prompts_file={workdir}/prompts.txt'],
+     'error: prompts file {workdir}/prompts.txt holds no prompt (every line is empty)'),
+    ('teacher of an unsupported prediction type',
+     sd_folder_with_scheduler(prediction_type='flow_prediction'), ('pairs',), SD_TEACHER,
+     "error: {workdir}/sd/scheduler/scheduler_config.json: prediction_type 'flow_prediction' "
+     "is not supported; use one of 'epsilon', 'v_prediction', 'sample' instead"),
+    ('teacher of an unsupported beta schedule', sd_folder_with_scheduler(beta_schedule='sigmoid'),
+     ('pairs',), SD_TEACHER,
+     "error: {workdir}/sd/scheduler/scheduler_config.json: beta_schedule 'sigmoid' is not "
+     "supported; use one of 'linear', 'scaled_linear', 'squaredcos_cap_v2' instead"),
 ]]
 
 
@@ -121,7 +162,8 @@ def test_refused_in_one_line_with_the_workdir_unchanged(quick_chain, tfds_dir, t
   os.makedirs(workdir)
   case.prepare(quick_chain, workdir)
   before = tree_digest(workdir)
-  result = runs.run_main(workdir, tfds_dir, *case.flags, stages=case.stages, config=case.config)
+  flags = [flag.format(workdir=workdir) for flag in case.flags]
+  result = runs.run_main(workdir, tfds_dir, *flags, stages=case.stages, config=case.config)
   assert result.returncode != 0
   message = case.message.format(workdir=workdir)
   assert runs.last_line(result).startswith(message), result.stderr[-3000:]

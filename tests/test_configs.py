@@ -53,7 +53,11 @@ def test_unknown_shapes_variant_is_named():
 # to one U-Net); the captioned-shapes evaluator's classifier against the photographs'
 # Inception and CLIP files and the diffusers folders compared as models.
 _SD_MAY_OMIT = {'model': {'vocabulary', 'unet_kind', 'stacked'},
-                'eval': {'evaluator_examples', 'evaluator_steps'}}
+                'eval': {'evaluator_examples', 'evaluator_steps'},
+                # Added with diffusion teachers and prompts files; to be written out in
+                # the SD configs by their rewrite.
+                'data': {'prompts_file', 'eval_prompts_file'},
+                'pairs': {'teacher_kind', 'sampler'}}
 _SD_ONLY = {'eval': {'inception_path', 'clip_path', 'paths'}}
 # Sections whose keys name models, or override the fields of a diffusers folder's configs.
 _NOT_FIELDS = ('model.text_encoder', 'model.unet', 'eval.labels', 'eval.paths', 'eval.steps',

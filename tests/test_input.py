@@ -153,3 +153,32 @@ def test_prefetch_errors_surface_and_threads_stop():
   next(iterator)
   iterator.close()
   assert not any(t.name == 'input-prefetch' for t in threading.enumerate())
+
+
+def test_prompts_file_lines_stripped_empty_skipped_duplicates_kept(tmp_path):
+  path = tmp_path / 'prompts.txt'
+  path.write_bytes('  a red cat \r\n\n\t\na café\na red cat\n   \nlast without newline'.encode())
+  assert input_lib.read_prompts(str(path)) == ['a red cat', 'a café', 'a red cat',
+                                               'last without newline']
+  assert input_lib.example_captions(None, 'train', str(path))[2] == ['a red cat']
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, r'^prompts file {path}: No such file or directory; give a text file'),
+    (b'\n \n', r'^prompts file {path} holds no prompt \(every line is empty\)'),
+    (b'a cat\n\xff\xfe\n', r'^prompts file {path} is not UTF-8 text \(invalid start byte at '
+                           r'byte 6\); save it as UTF-8$')])
+def test_bad_prompts_file_is_named(tmp_path, content, message):
+  path = tmp_path / 'prompts.txt'
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises((OSError, ValueError), match=message.format(path=path)):
+    input_lib.read_prompts(str(path))
+
+
+def test_prompts_input_tokenizes_prompts_resumably(tokenizer):
+  data = input_lib.PromptsInput(['a', 'b', 'c', 'd', 'e'], tokenizer, global_batch_size=2,
+                                seed=3)
+  batch = data.batch(4)
+  assert set(batch) == {'input_ids'} and batch['input_ids'].shape[0] == 2
+  np.testing.assert_array_equal(batch['input_ids'], data.batch(4)['input_ids'])

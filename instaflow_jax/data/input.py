@@ -16,6 +16,9 @@ step k continues exactly, and process i of n takes the i-th of n equal slices of
 global batch, which stays the same whatever n. Where a caption feature holds several
 captions, one is chosen by a key seeded by (seed, epoch, example index).
 Caption dropout (for classifier-free guidance) is the trainer's business, not done here.
+
+The stages that need prompts only may read them from a plain text file instead
+(read_prompts, example_captions, PromptsInput).
 """
 import dataclasses
 import functools
@@ -125,6 +128,50 @@ def all_captions(config: InputConfig, chunk_size: int = 4096) -> list:
     for example in source.__getitems__(list(range(start, min(start + chunk_size, len(source))))):
       captions += captions_of(example, config.caption_key)
   return captions
+
+
+def read_prompts(path: str) -> list:
+  """The prompts of a UTF-8 text file, one a line, in order: surrounding whitespace
+  stripped, empty lines skipped. Duplicates are kept as separate prompts: a file of
+  captions repeats a caption as often as the data does, and pair i takes prompt i, so
+  dropping one would weigh the rest differently and shift every pair after it. A file
+  that is missing, not UTF-8 or without a prompt is an error naming it."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().split('\n')
+  except OSError as e:
+    raise OSError(f'prompts file {path}: {e.strerror}; give a text file with one prompt a '
+                  'line') from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f'prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start}); '
+                     'save it as UTF-8') from None
+  prompts = [line.strip() for line in lines if line.strip()]
+  if not prompts:
+    raise ValueError(f'prompts file {path} holds no prompt (every line is empty); give one '
+                     'prompt a line')
+  return prompts
+
+
+class _SplitCaptions:
+  """The captions of each example of a tfds split, read when asked for (images undecoded)."""
+
+  def __init__(self, config: InputConfig):
+    self._source = open_source(config, captions_only=True)
+    self._caption_key = config.caption_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> list:
+    return captions_of(self._source[index], self._caption_key)
+
+
+def example_captions(data_config, split: str, prompts_file: str = '') -> Sequence[list]:
+  """Random access to each example's captions: the lines of `prompts_file` (one caption an
+  example) when given, else the captions of `split` of the config's tfds dataset."""
+  if prompts_file:
+    return [[prompt] for prompt in read_prompts(prompts_file)]
+  return _SplitCaptions(input_config(data_config, split))
 
 
 def model_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -280,3 +327,14 @@ def create_input(config: InputConfig, tokenizer, *, global_batch_size: int, seed
       image_size=config.image_size, image_key=config.image_key, caption_key=config.caption_key,
       label_keys=config.label_keys, seed=seed, process_index=process_index,
       process_count=process_count, prefetch=prefetch)
+
+
+class PromptsInput(IndexedInput):
+  """Batches {'input_ids': int32 [b, T]} of prompts, for the stages that need no images."""
+
+  def __init__(self, prompts: Sequence[str], tokenizer, **kwargs):
+    super().__init__(list(prompts), **kwargs)
+    self.tokenizer = tokenizer
+
+  def make_batch(self, examples, epochs, indices) -> Batch:
+    return {'input_ids': tokenize(self.tokenizer, examples)}

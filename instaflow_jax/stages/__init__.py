@@ -8,6 +8,7 @@ from absl import logging
 from instaflow_jax import config_checks
 from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.stages import common
 from instaflow_jax.stages import distill
 from instaflow_jax.stages import evaluate
 from instaflow_jax.stages import pairs
@@ -34,6 +35,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs the stages of `config.stages` in WORKDIR/<stage>/, skipping complete ones. The
   config is checked first; each stage writes its config.json once its own checks pass."""
   config_checks.check_config(config)
+  common.check_prompts_files(config)
   workdir_lib.ensure_workdir(workdir)
   stored_text_side = text_side.store_text_side(config, workdir)
   try:

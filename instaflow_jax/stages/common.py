@@ -2,7 +2,7 @@
 params a stage starts from, its batches, and the fixed prompts of its sample grids."""
 import dataclasses
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -26,23 +26,45 @@ def frozen_params(pipe: pipeline_lib.Pipeline) -> dict:
   return {'text': params['text'], 'vae': params['vae'], 'null_embeds': null_embeds}
 
 
+def text_embeddings(modules: sampling.PipelineModules, frozen, batch):
+  """The text embeddings of a batch, computed unless cached in it."""
+  if 'text_embeds' in batch:
+    return batch['text_embeds']
+  return sampling.encode_text(modules, frozen, batch['input_ids'])
+
+
 def model_inputs(modules: sampling.PipelineModules, frozen, batch, rng):
   """(X1 latents, text embeddings) of a batch, computed unless cached in it."""
   if 'latents' in batch:
     x1 = batch['latents']
   else:
     x1 = sampling.encode_images(modules, frozen, batch['image'], rng)
-  if 'text_embeds' in batch:
-    embeds = batch['text_embeds']
-  else:
-    embeds = sampling.encode_text(modules, frozen, batch['input_ids'])
-  return x1, embeds
+  return x1, text_embeddings(modules, frozen, batch)
+
+
+def prompts_file(config: ml_collections.ConfigDict, field: str = 'prompts_file') -> str:
+  """data.<field>, '' where the config has none (configs written before the field)."""
+  return config.data.get(field, '')
+
+
+def held_out_captions(config: ml_collections.ConfigDict) -> Sequence[list]:
+  """Each held-out example's captions: data.eval_prompts_file's lines, or eval_split's."""
+  return input_lib.example_captions(config.data, config.data.eval_split,
+                                    prompts_file(config, 'eval_prompts_file'))
 
 
 def sample_prompts(config: ml_collections.ConfigDict, count: int) -> list:
-  """The first `count` captions of the held-out split: fixed prompts for sample grids."""
-  source = input_lib.open_source(input_lib.input_config(config.data, config.data.eval_split))
-  return [input_lib.captions_of(source[i], config.data.caption_key)[0] for i in range(count)]
+  """The first `count` held-out prompts (cycled when fewer): fixed prompts for sample grids."""
+  captions = held_out_captions(config)
+  return [captions[i % len(captions)][0] for i in range(count)]
+
+
+def check_prompts_files(config: ml_collections.ConfigDict) -> None:
+  """Every prompts file the config names is readable and holds a prompt: checked before
+  the first stage, so that a later stage cannot fail on it after hours of work."""
+  for field in ('prompts_file', 'eval_prompts_file'):
+    if prompts_file(config, field):
+      input_lib.read_prompts(prompts_file(config, field))
 
 
 def make_sample_fn(pipe: pipeline_lib.Pipeline, prompts, train_config, seed: int) -> Callable:
@@ -73,10 +95,15 @@ def load_unet_params(unet, path: str, what: str):
   return checkpoint.load_params(path, abstract.abstract_params(unet), what=what)
 
 
-def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config):
-  """The stage's batches: images and captions, or (for reflow) the teacher's pairs."""
+def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config,
+                   prompts_only: bool = False):
+  """The stage's batches: images and captions, or (for reflow) the teacher's pairs. A
+  stage that needs `prompts_only` reads data.prompts_file's prompts when it names one."""
   kwargs = dict(global_batch_size=train_config.batch_size, seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
+  if not train_config.pairs and prompts_only and prompts_file(config):
+    return input_lib.PromptsInput(input_lib.read_prompts(prompts_file(config)),
+                                  pipe.tokenizer, **kwargs)
   if not train_config.pairs:
     return input_lib.create_input(input_lib.input_config(config.data, config.data.train_split),
                                   pipe.tokenizer, **kwargs)

@@ -3,7 +3,8 @@
 The student starts from the 2-RF and is trained so that its k-step Euler solution from X0
 (one step: X0 + v(X0, time input 1000)) matches X1, the frozen teacher's ODE solution from
 the same X0 with the same text. X1 is computed inside the step by the teacher (an N-step
-Euler solve with guidance w), or read from a pairs stage (`distill.pairs`).
+Euler solve with guidance w) from the batch's prompts alone (data.prompts_file's, or the
+dataset's captions), or read from a pairs stage (`distill.pairs`).
 
 Losses: 'l2' and 'pseudo_huber' on latents, 'lpips' on decoded images, 'lpips_huber'
 (LPIPS + pseudo-Huber, 2-RF++); `loss` is used until `switch_step`, then `loss_after`
@@ -66,9 +67,10 @@ def teacher_target(teacher_unet, frozen, x0, embeds, config):
   return jax.lax.stop_gradient(samplers.euler_sample(velocity, x0, config.teacher_steps))
 
 
-def distillation_loss(modules, config, lpips_module=None):
+def distillation_loss(modules, config, latent_shape, lpips_module=None):
   """loss_fn(params, frozen, batch, rng, step) of the student. The teacher is the single
-  U-Net the student is built from (itself, or the one a stacked student copies twice)."""
+  U-Net the student is built from (itself, or the one a stacked student copies twice).
+  Without stored pairs, a batch needs only its prompts: X0 ~ N(0, I) of `latent_shape`."""
   teacher_unet = stacked_unet.base_unet(modules.unet)
 
   def per_example(kind, frozen, prediction, target):
@@ -82,13 +84,12 @@ def distillation_loss(modules, config, lpips_module=None):
     return distance
 
   def loss_fn(params, frozen, batch, rng, step):
-    latent_rng, noise_rng = jax.random.split(rng)
+    _, noise_rng = jax.random.split(rng)  # the second key: the noise earlier runs drew
+    embeds = common.text_embeddings(modules, frozen, batch)
     if 'latents' in batch and 'x0' in batch:  # stored pairs
       x0, x1 = batch['x0'], batch['latents']
-      embeds = sampling.encode_text(modules, frozen, batch['input_ids'])
     else:
-      reference, embeds = common.model_inputs(modules, frozen, batch, latent_rng)
-      x0 = jax.random.normal(noise_rng, reference.shape, reference.dtype)
+      x0 = jax.random.normal(noise_rng, (embeds.shape[0],) + tuple(latent_shape), jnp.float32)
       x1 = teacher_target(teacher_unet, frozen, x0, embeds, config)
     prediction = student_sample(modules, params, x0, embeds, config.student_steps)
     if config.switch_step < 0:
@@ -120,10 +121,10 @@ def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[st
   frozen = dict(common.frozen_params(pipe), teacher=teacher)
   if lpips_module is not None:
     frozen['lpips'] = lpips_params
-  data = common.training_input(config, stage_dir, pipe, distill_config)
+  data = common.training_input(config, stage_dir, pipe, distill_config, prompts_only=True)
   loop.train(
       distill_config, stage_dir, stage=stage, init_params=student, frozen=frozen,
-      loss_fn=distillation_loss(pipe.modules, distill_config, lpips_module),
+      loss_fn=distillation_loss(pipe.modules, distill_config, pipe.latent_shape, lpips_module),
       batches=data.batches,
       sample_fn=common.make_sample_fn(
           pipe, common.sample_prompts(config, distill_config.num_samples), distill_config,

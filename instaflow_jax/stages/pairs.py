@@ -1,16 +1,26 @@
 """Stage 'pairs': the teacher ODE turns noise X0 into X1 = ODE(X0 | text), for reflow.
 
-Pair i has the caption of example i of the prompt split (the captions cycle when there
-are more pairs than examples) and the noise X0 ~ N(0, I) drawn from a key folded from
-(seed, i), so any pair can be regenerated alone. Pairs are written in numbered shards
+The teacher (`pairs.teacher`) is a finished stage of the workdir or params at an absolute
+path (a flow of the config's model, solved with `pairs.solver`), or a diffusers folder at
+an absolute path: a diffusion model such as Stable Diffusion itself, as in the paper
+(its probability-flow ODE, solved with `pairs.sampler`), or a flow (`pairs.solver`). A
+folder teacher conditions on its own text encoder, and its tokenizer's ids are stored
+with the pairs: reflow reads them with model.diffusers_path's tokenizer, so that folder
+should be the teacher's (or share its tokenizer).
+
+Pair i has the caption of example i of the prompt split, or prompt i of
+data.prompts_file (the captions cycle when there are more pairs than examples), and the
+noise X0 ~ N(0, I) drawn from a key folded from (seed, i), so any pair can be regenerated
+alone. Pairs are written in numbered shards
 (instaflow_jax/data/pairs.py); a restarted stage skips the shards on disk, so a killed run
 loses at most the shard in progress. Process p of n writes the shards j with j % n == p,
 on its own devices (each batch split over them, the teacher replicated): once the teacher
 is loaded, the processes work without waiting for each other until the stage ends.
 """
+import dataclasses
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +32,7 @@ from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.flow import rectified_flow
@@ -38,20 +49,68 @@ def pair_noise(seed: int, indices: np.ndarray, latent_shape) -> jax.Array:
       jnp.asarray(indices, jnp.uint32))
 
 
-def pair_captions(source, caption_key: str, indices) -> list:
-  """Pair i takes example i % N; its c-th pass over the examples takes caption c."""
-  captions = []
+def pair_captions(captions: Sequence[list], indices) -> list:
+  """Pair i takes example i % N of `captions` (each example's list of captions); its c-th
+  pass over the examples takes caption c."""
+  chosen = []
   for i in indices:
-    choices = input_lib.captions_of(source[int(i) % len(source)], caption_key)
-    captions.append(choices[(int(i) // len(source)) % len(choices)])
-  return captions
+    choices = captions[int(i) % len(captions)]
+    chosen.append(choices[(int(i) // len(captions)) % len(choices)])
+  return chosen
 
 
-def solver_of(config: ml_collections.ConfigDict) -> samplers.Solver:
-  return samplers.Solver(config.solver, config.num_steps, config.rtol, config.atol)
+def prompt_captions(config: ml_collections.ConfigDict) -> Sequence[list]:
+  """The pairs' prompts: data.prompts_file's lines, or the captions of pairs.split."""
+  return input_lib.example_captions(config.data, config.pairs.split, common.prompts_file(config))
 
 
-def teacher_solver(modules: sampling.PipelineModules, solver: samplers.Solver,
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """The pairs' teacher: its pipeline (U-Net params, text side), the solver of its ODE,
+  and what meta.json records of it."""
+  pipe: pipeline_lib.Pipeline
+  solver: sampling.AnySolver
+  name: str  # pairs.teacher: a stage of the workdir, or an absolute path
+
+  def description(self, guidance: float) -> dict:
+    solver = self.solver
+    described = {'kind': self.pipe.kind, 'name': self.name, 'solver': solver.kind,
+                 'num_steps': solver.num_steps, 'guidance': guidance}
+    if isinstance(solver, samplers.Solver):
+      described.update(rtol=solver.rtol, atol=solver.atol)
+    return described
+
+
+def flow_solver(pairs_config: ml_collections.ConfigDict) -> samplers.Solver:
+  return samplers.Solver(pairs_config.solver, pairs_config.num_steps, pairs_config.rtol,
+                         pairs_config.atol)
+
+
+def is_teacher_folder(teacher: str) -> bool:
+  return os.path.isabs(teacher) and diffusers_io.is_pipeline_folder(teacher)
+
+
+def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
+  """The teacher `pairs.teacher` names: a diffusers folder (a diffusion model or a flow,
+  as pairs.teacher_kind or its class name says), or a stage's params for the config's
+  model. A missing teacher or an unsupported scheduler config stops here, before compute."""
+  pairs_config = config.pairs
+  if is_teacher_folder(pairs_config.teacher):
+    pipe = pipeline_lib.Pipeline.from_diffusers(pairs_config.teacher,
+                                                kind=pairs_config.get('teacher_kind') or None)
+    if pipe.kind == 'diffusion':  # a config without pairs.sampler: the kind's default
+      solver = pipe.solver(pairs_config.get('sampler'), pairs_config.num_steps)
+    else:
+      solver = flow_solver(pairs_config)
+    return Teacher(pipe, solver, pairs_config.teacher)
+  workdir_lib.stage_params_path(workdir, pairs_config.teacher, 'pairs.teacher')
+  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
+  pipe = dataclasses.replace(pipe, unet_params=common.initial_unet_params(
+      pipe, workdir, pairs_config.teacher, 'pairs.teacher'))
+  return Teacher(pipe, flow_solver(pairs_config), pairs_config.teacher)
+
+
+def teacher_solver(modules: sampling.PipelineModules, solver: sampling.AnySolver,
                    layout: parallel.Layout):
   """(params, token_ids, uncond_ids, x0, guidance) -> (X1, NFE), compiled for `layout`:
   params replicated, the batch split over the batch axes."""
@@ -70,32 +129,30 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
   layout = parallel.data_parallel(jax.local_devices())
   layout.check_batch_size(pairs_config.batch_size, 'pairs.batch_size (per process)')
   workdir = os.path.dirname(stage_dir)
-  workdir_lib.stage_params_path(workdir, pairs_config.teacher, 'pairs.teacher')
-  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
-  teacher = common.initial_unet_params(pipe, workdir, pairs_config.teacher, 'pairs.teacher')
-  params = parallel.put(dict(pipe.params, unet=teacher), layout.replicated)
+  teacher = load_teacher(config, workdir)
+  captions = prompt_captions(config)
+  pipe = teacher.pipe
+  params = parallel.put(pipe.params, layout.replicated)
   latent_shape = pipe.latent_shape
-  solver = solver_of(pairs_config)
   ranges = pairs_lib.shard_ranges(pairs_config.num_pairs, pairs_config.shard_size)
+  prompts = (f'file:{common.prompts_file(config)}' if common.prompts_file(config)
+             else f'{config.data.name}:{pairs_config.split}')
   meta = {
       'latent_shape': list(latent_shape), 'max_length': int(pipe.tokenizer.model_max_length),
       'num_pairs': pairs_config.num_pairs, 'shard_size': pairs_config.shard_size,
-      'num_shards': len(ranges), 'teacher': pairs_config.teacher, 'seed': config.seed,
-      'solver': solver.kind, 'num_steps': solver.num_steps, 'rtol': solver.rtol,
-      'atol': solver.atol, 'guidance': pairs_config.guidance,
-      'prompts': f'{config.data.name}:{pairs_config.split}'}
+      'num_shards': len(ranges), 'seed': config.seed, 'prompts': prompts,
+      'teacher': teacher.description(pairs_config.guidance)}
   # meta.json first: it refuses pairs on disk made with other settings.
   parallel.process_0_first('pairs meta', lambda: pairs_lib.write_meta(stage_dir, meta))
   workdir_lib.write_stage_config(stage_dir, config)
-  solve = teacher_solver(pipe.modules, solver, layout)
-  source = input_lib.open_source(input_lib.input_config(config.data, pairs_config.split))
+  solve = teacher_solver(pipe.modules, teacher.solver, layout)
   guided = rectified_flow.uses_guidance(pairs_config.guidance)
   batch = pairs_config.batch_size
   uncond_ids = pipe.tokenize([''] * batch) if guided else None
   mine = [j for j in range(len(ranges)) if j % jax.process_count() == jax.process_index()]
   todo = [j for j in mine if not os.path.exists(pairs_lib.shard_path(stage_dir, j, len(ranges)))]
-  logging.info('pairs: %d of %d shards to write (%s, guidance %.2f)', len(todo), len(mine),
-               solver, pairs_config.guidance)
+  logging.info('pairs: %d of %d shards to write (%s teacher, %s, guidance %.2f)', len(todo),
+               len(mine), pipe.kind, teacher.solver, pairs_config.guidance)
   start, done, evaluations = time.time(), 0, []
   for j in todo:
     records = []
@@ -104,7 +161,7 @@ def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str,
       # The last batch is padded to the full size: one compiled program for every batch.
       padded = np.concatenate([indices, np.full(batch - len(indices), indices[-1])])
       x0 = pair_noise(config.seed, padded, latent_shape)
-      ids = pipe.tokenize(pair_captions(source, config.data.caption_key, padded))
+      ids = pipe.tokenize(pair_captions(captions, padded))
       x1, nfe = solve(params, *layout.shard_batch((ids, uncond_ids, x0)),
                       jnp.float32(pairs_config.guidance))
       evaluations.append(int(nfe))
