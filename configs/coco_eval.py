@@ -20,20 +20,19 @@ Nothing is downloaded: the Inception weights and the CLIP model are files you pr
 """
 import ml_collections
 
-from configs import sd15_rf
+from configs import sd15
+from configs import sd15_distill
 
 
 def get_config(diffusers_path: str = '') -> ml_collections.ConfigDict:
-  c = sd15_rf.get_config(diffusers_path)
-  c.stages = ('eval',)
+  c = sd15.base_config(diffusers_path, stages=('eval',))
   c.data.eval_split = 'val[:5000]'
-  del c['rf']
   c.eval = ml_collections.ConfigDict(dict(
-      models=('reflow', 'distill'),
-      labels=dict(reflow='2-RF', distill='InstaFlow (2-RF + distill)', released='InstaFlow-0.9B'),
+      models=(sd15_distill.TEACHER, 'distill'),
+      labels=dict(reflow_large='2-RF', distill='InstaFlow (2-RF + distill)', released='InstaFlow-0.9B'),
       paths=dict(released=''),       # add 'released' to models and set its folder to compare
-      steps=dict(reflow=(1, 2, 4, 25), distill=(1,), released=(1,)),
-      guidance=dict(reflow=1.5, distill=1.0, released=1.0),
+      steps=dict(reflow_large=(1, 2, 4, 25), distill=(1,), released=(1,)),
+      guidance=dict(reflow_large=1.5, distill=1.0, released=1.0),
       dopri5=(), rtol=1e-3, atol=1e-3,
       num_prompts=5000,
       batch_size=16,

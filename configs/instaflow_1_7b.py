@@ -18,8 +18,8 @@ deepest level of each half (1.05B); see the stacked_unet module docstring.
 
 Hardware: like configs/sd15_rf.py (bf16 compute, remat) with twice the U-Net; scale
 distill.batch_size with the number of devices. The student is built by Pipeline.from_config
-(model.unet_kind='stacked'); distill.init='reflow' copies the 2-RF's single U-Net into both
-halves, and that single U-Net (distill.teacher) stays the teacher.
+(model.unet_kind='stacked'); distill.init='reflow_large' (the 2-RF) copies its single U-Net
+into both halves, and that single U-Net (distill.teacher) stays the teacher.
 """
 import ml_collections
 

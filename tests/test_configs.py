@@ -23,7 +23,7 @@ def _load(name: str) -> ml_collections.ConfigDict:
 def test_config_loads_with_sections_for_its_stages(name):
   config = _load(name)
   for stage in config.stages:
-    assert stage in stages.STAGES
+    assert config_checks.stage_kind(config, stage) in stages.STAGES
     assert stage in config, f'{name}: stage {stage} has no config section'
   if 'eval' in config.stages:  # every model it measures has its settings
     for model in config.eval.models:
@@ -53,11 +53,7 @@ def test_unknown_shapes_variant_is_named():
 # to one U-Net); the captioned-shapes evaluator's classifier against the photographs'
 # Inception and CLIP files and the diffusers folders compared as models.
 _SD_MAY_OMIT = {'model': {'vocabulary', 'unet_kind', 'stacked'},
-                'eval': {'evaluator_examples', 'evaluator_steps'},
-                # Added with diffusion teachers and prompts files; to be written out in
-                # the SD configs by their rewrite.
-                'data': {'prompts_file', 'eval_prompts_file'},
-                'pairs': {'teacher_kind', 'sampler'}}
+                'eval': {'evaluator_examples', 'evaluator_steps'}}
 _SD_ONLY = {'eval': {'inception_path', 'clip_path', 'paths'}}
 # Sections whose keys name models, or override the fields of a diffusers folder's configs.
 _NOT_FIELDS = ('model.text_encoder', 'model.unet', 'eval.labels', 'eval.paths', 'eval.steps',
@@ -93,9 +89,13 @@ def test_sd_config_has_the_fields_of_the_shapes_config(name):
   sd, toy = _load(name), shapes.get_config()
   run_wide = set(toy) - set(stages.STAGES)  # seed, mesh, data, model, ...
   for section in set(sd) | run_wide:
-    omit = {f'{section}.{field}' for field in _SD_MAY_OMIT.get(section, ())}
-    only = {f'{section}.{field}' for field in _SD_ONLY.get(section, ())}
-    expected = _without(_section_fields(toy, section) | only, omit)
+    # A stage of its own name (a second phase) has the fields of its kind's section.
+    kind = config_checks.stage_kind(sd, section) if section in sd.stages else section
+    omit = {f'{section}.{field}' for field in _SD_MAY_OMIT.get(kind, ())}
+    only = {f'{section}.{field}' for field in _SD_ONLY.get(kind, ())}
+    only |= {f'{section}.kind'} if kind != section else set()
+    toy_fields = {section + name[len(kind):] for name in _section_fields(toy, kind)}
+    expected = _without(toy_fields | only, omit)
     got = _without(_section_fields(sd, section), omit)
     assert got == expected, (name, section, got ^ expected)
 
