@@ -49,7 +49,8 @@ def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict
       image_key='image',
       caption_key='captions/text',
       image_size=512,
-      # Prompts alone (one a line, UTF-8) for pairs and distill, and for the sample grids:
+      # Prompts alone (one a line, UTF-8) for pairs and distill, and (eval_prompts_file) for
+      # the sample grids and eval, which then measures CLIP score but no FD (no real images):
       # the paper drew its prompts from LAION (laion2B-en); '' = the dataset's captions.
       prompts_file='',
       eval_prompts_file='',

@@ -33,8 +33,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       image_size=16 if quick else 24,
       # UTF-8 text files of prompts, one a line ('' = the tfds captions), for what needs
       # prompts only: prompts_file for pairs and distill, eval_prompts_file for the sample
-      # grids. rf trains on the dataset's images and eval measures against its held-out
-      # images. Surrounding whitespace is stripped, empty lines skipped, duplicates kept
+      # grids and for eval with evaluator 'inception' (configs/coco_eval.py): its first
+      # eval.num_prompts lines, CLIP score without FD (no real images); the shapes
+      # evaluator needs the dataset's labels. rf trains on the dataset's images.
+      # Surrounding whitespace is stripped, empty lines skipped, duplicates kept
       # (data/input.py read_prompts).
       prompts_file='',
       eval_prompts_file='',

@@ -3,8 +3,6 @@ save_pretrained, against CLIPModel's own normalised embeddings of inputs prepare
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig
-from transformers import CLIPImageProcessor
 from transformers import CLIPModel
 from transformers import CLIPProcessor
 
@@ -20,19 +18,7 @@ CAPTIONS = ['a red circle', 'two blue squares', 'green']
 
 @pytest.fixture(scope='module')
 def clip_folder(tmp_path_factory):
-  """A CLIPModel with tiny random towers and its CLIPProcessor, saved like a hub folder."""
-  path = str(tmp_path_factory.mktemp('clip'))
-  tokenizer = tiny_models.write_tiny_clip_tokenizer(path)
-  vision = dict(image_size=_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4)
-  config = CLIPConfig(text_config=tiny_models.tiny_text_config(len(tokenizer)),
-                      vision_config=vision, projection_dim=16)
-  torch.manual_seed(0)
-  tiny_models.perturb_(CLIPModel(config)).save_pretrained(path)
-  image_processor = CLIPImageProcessor(size={'shortest_edge': _IMAGE_SIZE},
-                                       crop_size={'height': _IMAGE_SIZE, 'width': _IMAGE_SIZE})
-  CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-  return path
+  return tiny_models.write_tiny_clip_model(str(tmp_path_factory.mktemp('clip')), _IMAGE_SIZE)
 
 
 def _reference_similarities(folder: str, images: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The eval stage: the report of the quick chain, the shapes evaluator's logic, bad input."""
+"""The eval stage: the report of the quick chain, prompts-only eval (a prompts file, CLIP
+score without FD), the shapes evaluator's logic, bad input."""
 import json
 import math
 import os
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
+from instaflow_jax import stages
 from instaflow_jax.data import shapes
 from instaflow_jax.evaluation import report
 from instaflow_jax.evaluation import shapes_evaluator as se
 from instaflow_jax.stages import evaluate
+from tests import tiny_models
 
 MEASURES = ('fd', 'fidelity', 'count_fidelity', 'nfe', 'seconds_per_image', 'compile_seconds')
 
@@ -95,3 +98,92 @@ def test_models_without_settings_or_params_fail_before_compute(tmp_path):
   config.models = ('rf', 'student')
   with pytest.raises(ValueError, match="eval.models names 'student' but eval.steps"):
     evaluate.check_models(config, str(tmp_path))
+
+
+PROMPTS = ['a red circle', 'two blue squares', 'a green cross', 'a white square']
+PROMPTS_ONLY_MEASURES = ('clip_score', 'straightness', 'nfe', 'seconds_per_image',
+                         'compile_seconds')
+
+
+@pytest.fixture(scope='module')
+def flow_folder(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('flow'))
+  tiny_models.write_tiny_pipeline(path)
+  return path
+
+
+def write_prompts(tmp_path, prompts) -> str:
+  path = tmp_path / 'eval_prompts.txt'
+  path.write_text('\n'.join(prompts) + '\n', encoding='utf-8')
+  return str(path)
+
+
+def prompts_only_config(tmp_path, flow_folder, prompts, evaluator='inception'):
+  """configs/shapes.py:quick evaluating the tiny flow folder on a prompts file. The dataset
+  folder and the Inception weights do not exist: eval must read neither."""
+  config = shapes_config.get_config('quick')
+  config.stages = ('eval',)
+  config.data.data_dir = str(tmp_path / 'no_tensorflow_datasets')
+  config.data.eval_prompts_file = write_prompts(tmp_path, prompts)
+  config.eval.update(dict(models=('tiny',), labels=dict(tiny='tiny flow'), steps=dict(tiny=(1, 2)),
+                          guidance=dict(tiny=1.0), dopri5=(), num_prompts=3, batch_size=2,
+                          grid_prompts=2, evaluator=evaluator))
+  config.eval.paths = dict(tiny=flow_folder)
+  config.eval.inception_path = str(tmp_path / 'no_inception.pth')
+  config.eval.clip_path = ''
+  return config
+
+
+@pytest.mark.slow  # compiles a U-Net's one- and two-step samplers
+def test_prompts_only_eval_measures_clip_score_and_no_fd(tmp_path, flow_folder):
+  config = prompts_only_config(tmp_path, flow_folder, PROMPTS)
+  config.eval.clip_path = tiny_models.write_tiny_clip_model(str(tmp_path / 'clip'))
+  eval_dir = str(tmp_path / 'work' / 'eval')
+  summary = evaluate.run_eval(config, eval_dir)
+  with open(os.path.join(eval_dir, report.METRICS_FILE)) as f:
+    metrics = json.load(f)
+  assert metrics['num_prompts'] == 3
+  assert metrics['prompts_file'] == config.data.eval_prompts_file
+  assert 'fd_floor' not in metrics and 'real_clip_score' not in metrics
+  assert list(metrics['models']['tiny']) == ['1', '2']
+  for name, measured in metrics['models']['tiny'].items():
+    assert sorted(measured) == sorted(PROMPTS_ONLY_MEASURES), name
+    assert all(math.isfinite(v) for v in measured.values()), (name, measured)
+  assert metrics['models']['tiny']['2']['nfe'] == 2
+  assert math.isfinite(metrics['straightness']['tiny'])
+  assert summary == {'clip_score_one_step': {'tiny': metrics['models']['tiny']['1']['clip_score']}}
+  with open(os.path.join(eval_dir, report.REPORT_FILE)) as f:
+    text = f.read()
+  assert 'FD was not measured: prompts only' in text
+  assert '| model | solver | NFE | clip_score | straightness | s / image | compile s |' in text
+  assert '| tiny flow | Euler 1 | 1.0 |' in text
+  assert 'nan' not in text.lower() and 'FD vs' not in text
+  assert os.path.getsize(os.path.join(eval_dir, report.GRID_FILE)) > 0
+  for plot in (report.FD_VS_STEPS_FILE, report.FD_VS_SECONDS_FILE):
+    assert not os.path.exists(os.path.join(eval_dir, plot))
+
+
+def test_prompts_only_eval_takes_the_first_num_prompts(tmp_path, flow_folder):
+  config = prompts_only_config(tmp_path, flow_folder, PROMPTS)
+  held_out = evaluate.held_out_set(config)
+  assert held_out == evaluate.HeldOut(PROMPTS[:3])  # no real images, no examples
+
+
+@pytest.mark.parametrize('prompts, evaluator, error', [
+    (PROMPTS[:2], 'inception',
+     r'eval: 3 prompts asked of prompts file .*eval_prompts.txt, which has 2; lower '
+     r'eval.num_prompts'),
+    (PROMPTS, 'shapes',
+     r"eval.evaluator 'shapes' needs the dataset's scene labels, which the prompts file "
+     r".*eval_prompts.txt lacks"),
+])
+def test_prompts_only_eval_refuses_before_any_compute(tmp_path, flow_folder, prompts, evaluator,
+                                                      error):
+  config = prompts_only_config(tmp_path, flow_folder, prompts, evaluator)
+  workdir = tmp_path / 'work'
+  with pytest.raises(ValueError, match=error):
+    stages.run_all(config, str(workdir))  # before the first stage of a chain
+  assert not workdir.exists()
+  with pytest.raises(ValueError, match=error):
+    evaluate.run_eval(config, str(workdir / 'eval'))  # and when the stage starts
+  assert not workdir.exists()

@@ -66,6 +66,22 @@ def tiny_text_config(vocab_size: int) -> dict:
               pad_token_id=vocab_size - 1)
 
 
+def write_tiny_clip_model(path: str, image_size: int = 32) -> str:
+  """A CLIPModel with tiny random towers and its CLIPProcessor, saved like a hub folder."""
+  from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+  tokenizer = write_tiny_clip_tokenizer(path)
+  vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4)
+  config = CLIPConfig(text_config=tiny_text_config(len(tokenizer)), vision_config=vision,
+                      projection_dim=16)
+  torch.manual_seed(0)
+  perturb_(CLIPModel(config)).save_pretrained(path)
+  image_processor = CLIPImageProcessor(size={'shortest_edge': image_size},
+                                       crop_size={'height': image_size, 'width': image_size})
+  CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+  return path
+
+
 # Stable Diffusion 1.5's scheduler config, with the spacing that its PNDM scheduler uses.
 SD15_SCHEDULER = {'_class_name': 'PNDMScheduler', 'beta_start': 0.00085, 'beta_end': 0.012,
                   'beta_schedule': 'scaled_linear', 'num_train_timesteps': 1000,

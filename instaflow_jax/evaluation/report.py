@@ -1,6 +1,10 @@
-"""The eval stage's outputs: metrics.json, report.md and the PNGs it shows."""
+"""The eval stage's outputs: metrics.json, report.md and the PNGs it shows.
+
+Prompts without real images (eval from a prompts file) have no FD: the report says so, and
+the FD plots and the grid's real row are left out."""
 import json
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -30,16 +34,25 @@ def solver_label(solver) -> str:
   return 'Dopri5'
 
 
-def write(stage_dir: str, eval_config, metrics: dict, grid_rows: list, real: np.ndarray) -> None:
-  """Writes the metrics, the plots, the grid and the report that ties them together."""
+def measures_fd(metrics: dict) -> bool:
+  """Whether FD was measured: not when the prompts came without real images."""
+  return 'fd_floor' in metrics
+
+
+def write(stage_dir: str, eval_config, metrics: dict, grid_rows: list,
+          real: Optional[np.ndarray]) -> None:
+  """Writes the metrics, the plots, the grid and the report that ties them together.
+  `real`: the real held-out images of the prompts, None when there are none."""
   _write_atomic(os.path.join(stage_dir, METRICS_FILE), json.dumps(metrics, indent=2) + '\n')
   rows = sorted(grid_rows, key=lambda row: not row[0].endswith(', 1 step'))  # one-step first
-  image_io.save_png(os.path.join(stage_dir, GRID_FILE),
-                    image_io.labelled_rows(rows + [('real (held out)', real)], upscale=4))
-  _plot(os.path.join(stage_dir, FD_VS_STEPS_FILE), eval_config, metrics, 'nfe',
-        'function evaluations per image (NFE)')
-  _plot(os.path.join(stage_dir, FD_VS_SECONDS_FILE), eval_config, metrics, 'seconds_per_image',
-        'seconds per image (this machine)')
+  if real is not None:
+    rows.append(('real (held out)', real[:eval_config.grid_prompts]))
+  image_io.save_png(os.path.join(stage_dir, GRID_FILE), image_io.labelled_rows(rows, upscale=4))
+  if measures_fd(metrics):
+    _plot(os.path.join(stage_dir, FD_VS_STEPS_FILE), eval_config, metrics, 'nfe',
+          'function evaluations per image (NFE)')
+    _plot(os.path.join(stage_dir, FD_VS_SECONDS_FILE), eval_config, metrics, 'seconds_per_image',
+          'seconds per image (this machine)')
   _write_atomic(os.path.join(stage_dir, REPORT_FILE), markdown(eval_config, metrics))
 
 
@@ -79,22 +92,20 @@ def markdown(eval_config, metrics: dict) -> str:
   prompt_key = next((k for k in ('fidelity', 'clip_score') if k in first), None)
   real_prompt = {'fidelity': metrics.get('real_fidelity'),
                  'clip_score': metrics.get('real_clip_score')}.get(prompt_key)
-  lines = ['# Evaluation', '',
-           f"{metrics['num_prompts']} held-out prompts, the same noise for every model. "
-           "FD: Frechet distance to the real held-out images in the evaluator's feature space "
-           f"(real training images: {metrics['fd_floor']:.3f})."]
+  fd = measures_fd(metrics)
+  lines = ['# Evaluation', '', _about_prompts_and_fd(metrics)]
   if prompt_key == 'fidelity':
     lines[-1] += (' Fidelity: the fraction of images that show their prompt (real images: '
                   f'{real_prompt:.3f}).')
-  elif prompt_key == 'clip_score':
+  elif prompt_key == 'clip_score' and real_prompt is not None:
     lines[-1] += f' CLIP score of real images: {real_prompt:.2f}.'
-  header = ['model', 'solver', 'NFE', 'FD'] + ([prompt_key] if prompt_key else []) + [
-      'straightness', 's / image', 'compile s']
+  header = ['model', 'solver', 'NFE'] + (['FD'] if fd else []) + (
+      [prompt_key] if prompt_key else []) + ['straightness', 's / image', 'compile s']
   lines += ['', '| ' + ' | '.join(header) + ' |', '|---|---|' + '---:|' * (len(header) - 2)]
   for model, results in metrics['models'].items():
     for name, r in results.items():
       cells = [eval_config.labels[model], 'Dopri5' if name == 'dopri5' else f'Euler {name}',
-               f"{r['nfe']:.1f}", f"{r['fd']:.3f}"]
+               f"{r['nfe']:.1f}"] + ([f"{r['fd']:.3f}"] if fd else [])
       cells += [f'{r[prompt_key]:.3f}'] if prompt_key else []
       cells += [f"{r['straightness']:.4f}" if 'straightness' in r else '-',
                 f"{r['seconds_per_image']:.4f}", f"{r['compile_seconds']:.1f}"]
@@ -105,6 +116,16 @@ def markdown(eval_config, metrics: dict) -> str:
   if 'evaluator_accuracy' in metrics:
     accuracy = ', '.join(f'{k} {v:.4f}' for k, v in metrics['evaluator_accuracy'].items())
     lines += [f'Evaluator accuracy on real held-out images: {accuracy}.', '']
-  lines += [f'![grid]({GRID_FILE})', '', f'![FD vs steps]({FD_VS_STEPS_FILE}) '
-            f'![FD vs seconds]({FD_VS_SECONDS_FILE})', '']
+  lines += [f'![grid]({GRID_FILE})', '']
+  if fd:
+    lines += [f'![FD vs steps]({FD_VS_STEPS_FILE}) ![FD vs seconds]({FD_VS_SECONDS_FILE})', '']
   return '\n'.join(lines)
+
+
+def _about_prompts_and_fd(metrics: dict) -> str:
+  if measures_fd(metrics):
+    return (f"{metrics['num_prompts']} held-out prompts, the same noise for every model. "
+            "FD: Frechet distance to the real held-out images in the evaluator's feature space "
+            f"(real training images: {metrics['fd_floor']:.3f}).")
+  return (f"{metrics['num_prompts']} prompts of {metrics['prompts_file']}, the same noise for "
+          'every model. FD was not measured: prompts only, no real images to compare with.')

@@ -36,6 +36,8 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
   config is checked first; each stage writes its config.json once its own checks pass."""
   config_checks.check_config(config)
   common.check_prompts_files(config)
+  if 'eval' in config.stages:
+    evaluate.check_held_out(config)
   workdir_lib.ensure_workdir(workdir)
   stored_text_side = text_side.store_text_side(config, workdir)
   try:

@@ -21,11 +21,18 @@ trained here once on the training split and cached in eval/evaluator/; its accur
 real held-out images is part of the report. Writes eval/metrics.json, eval/report.md and
 PNGs: FD vs steps, FD vs seconds per image, and one grid of the same prompts and noise
 across models at one step and the teacher at its most steps.
+
+With `data.eval_prompts_file` the prompts are that file's first `num_prompts` lines and
+there are no real images (a user who reflows Stable Diffusion has prompts only): no FD,
+no floor, no real row in the grid; the CLIP score (evaluator 'inception' with
+`eval.clip_path`), straightness, NFE and times are measured as above. The shapes evaluator
+needs the dataset's scene labels and is refused then.
 """
+import dataclasses
 import functools
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +53,7 @@ from instaflow_jax.evaluation import frechet
 from instaflow_jax.evaluation import report
 from instaflow_jax.evaluation import shapes_evaluator
 from instaflow_jax.flow import samplers
+from instaflow_jax.stages import common
 
 _NOISE_STREAM = 0x6576616c  # 'eval': the held-out noise, apart from other uses of the seed
 EVALUATOR_DIR = 'evaluator'
@@ -62,6 +70,46 @@ def real_examples(config: ml_collections.ConfigDict, split: str, count: int):
                                            config.data.image_size) for e in examples])
   captions = [input_lib.captions_of(e, config.data.caption_key)[0] for e in examples]
   return (images + 1.0) / 2.0, captions, examples
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """The prompts eval generates from, with the real images (float [N, S, S, 3] in [0, 1])
+  and the dataset examples they come with; both None when the prompts come from a file."""
+  captions: list
+  real: Optional[np.ndarray] = None
+  examples: Optional[list] = None
+
+
+def file_prompts(config: ml_collections.ConfigDict) -> list:
+  """The first eval.num_prompts prompts of data.eval_prompts_file, refused when the file has
+  fewer or the evaluator needs what a prompts file lacks."""
+  path = common.prompts_file(config, 'eval_prompts_file')
+  if config.eval.evaluator == 'shapes':
+    raise ValueError(f"eval.evaluator 'shapes' needs the dataset's scene labels, which the "
+                     f"prompts file {path} lacks; set eval.evaluator='inception' (CLIP score, "
+                     "no FD) or data.eval_prompts_file=''")
+  prompts = input_lib.read_prompts(path)
+  if len(prompts) < config.eval.num_prompts:
+    raise ValueError(f'eval: {config.eval.num_prompts} prompts asked of prompts file {path}, '
+                     f'which has {len(prompts)}; lower eval.num_prompts')
+  return prompts[:config.eval.num_prompts]
+
+
+def check_held_out(config: ml_collections.ConfigDict) -> None:
+  """Checks a prompts file for eval before the run's first stage, not after hours of work."""
+  if common.prompts_file(config, 'eval_prompts_file'):
+    file_prompts(config)
+
+
+def held_out_set(config: ml_collections.ConfigDict) -> HeldOut:
+  """data.eval_prompts_file's prompts alone, or the held-out split's captions with their
+  images and examples."""
+  if common.prompts_file(config, 'eval_prompts_file'):
+    return HeldOut(file_prompts(config))
+  real, captions, examples = real_examples(config, config.data.eval_split,
+                                           config.eval.num_prompts)
+  return HeldOut(captions, real, examples)
 
 
 def labels_of(examples) -> dict:
@@ -174,16 +222,18 @@ class InceptionJudge:
   """Photographs (the paper's COCO protocol): FD in pytorch-fid's Inception pool features,
   and the CLIP score when `eval.clip_path` names a CLIP model folder."""
 
-  def __init__(self, eval_config, captions):
-    module, variables = inception_weights.load_fid_inception(eval_config.inception_path)
-    self._features = jax.jit(lambda images: module.apply(variables, images))
+  def __init__(self, eval_config, captions, measures_fd: bool = True):
+    # Without real images there is no FD, and no need of the Inception weights.
+    self._features = inception_features(eval_config.inception_path) if measures_fd else None
     self.batch_size = eval_config.batch_size
     self.captions = captions
     self.clip = clip_score.TransformersClip(eval_config.clip_path) if eval_config.clip_path else None
 
   def measure(self, images):
-    features = np.concatenate([np.asarray(self._features(images[i:i + self.batch_size]))
-                               for i in range(0, len(images), self.batch_size)])
+    """(Inception features, None without FD; the CLIP score when there is a CLIP model)."""
+    features = None if self._features is None else np.concatenate(
+        [np.asarray(self._features(images[i:i + self.batch_size]))
+         for i in range(0, len(images), self.batch_size)])
     if self.clip is None:
       return features, {}
     return features, {'clip_score': clip_score.clip_score(images, self.captions, self.clip)}
@@ -192,41 +242,68 @@ class InceptionJudge:
     return {'real_clip_score': self.measure(real)[1]['clip_score']} if self.clip else {}
 
 
-def make_judge(config, stage_dir: str, captions, examples):
+def inception_features(path: str):
+  """images -> pytorch-fid's Inception pool features, jitted."""
+  module, variables = inception_weights.load_fid_inception(path)
+  return jax.jit(lambda images: module.apply(variables, images))
+
+
+def make_judge(config, stage_dir: str, held_out: HeldOut):
   if config.eval.evaluator == 'shapes':
-    return ShapesJudge(stage_dir, config, examples)
+    return ShapesJudge(stage_dir, config, held_out.examples)
   if config.eval.evaluator == 'inception':
-    return InceptionJudge(config.eval, captions)
+    return InceptionJudge(config.eval, held_out.captions, measures_fd=held_out.real is not None)
   raise ValueError(f"eval.evaluator {config.eval.evaluator!r} is unknown; use 'shapes' "
                    "(captioned shapes) or 'inception' (photographs, pytorch-fid's weights)")
+
+
+def measure_real(config, judge, real: Optional[np.ndarray]):
+  """(FD statistics of the real held-out images, their metrics: the FD floor against as many
+  real reference images, and the judge's own); (None, {}) without real images."""
+  if real is None:
+    return None, {}
+  real_stats = feature_statistics(judge.measure(real)[0])
+  reference, _, _ = real_examples(config, config.eval.reference_split, config.eval.num_prompts)
+  floor = frechet.frechet_distance(*real_stats, *feature_statistics(judge.measure(reference)[0]))
+  return real_stats, {'fd_floor': floor, **judge.about_real(real)}
+
+
+def prompts_source(config) -> dict:
+  """What the report names as the prompts' source when it is a file."""
+  path = common.prompts_file(config, 'eval_prompts_file')
+  return {'prompts_file': path} if path else {}
+
+
+def one_step_summary(metrics: dict) -> dict:
+  """The stage's summary: each model's FD at one step, or its CLIP score without FD."""
+  key = 'fd' if report.measures_fd(metrics) else 'clip_score'
+  return {f'{key}_one_step': {m: r['1'][key] for m, r in metrics['models'].items()
+                              if key in r.get('1', {})}}
 
 
 def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
   eval_config = config.eval
   workdir = os.path.dirname(stage_dir)
   check_models(eval_config, workdir)
-  real, captions, examples = real_examples(config, config.data.eval_split,
-                                           eval_config.num_prompts)
+  held_out = held_out_set(config)
+  captions = held_out.captions
   workdir_lib.write_stage_config(stage_dir, config)
-  judge = make_judge(config, stage_dir, captions, examples)
-  real_stats = feature_statistics(judge.measure(real)[0])
-  reference, _, _ = real_examples(config, eval_config.reference_split, eval_config.num_prompts)
-  metrics = {
-      'num_prompts': len(captions),
-      'fd_floor': frechet.frechet_distance(*real_stats,
-                                           *feature_statistics(judge.measure(reference)[0])),
-      **judge.about_real(real), 'models': {}, 'straightness': {}}
+  judge = make_judge(config, stage_dir, held_out)
+  real_stats, real_metrics = measure_real(config, judge, held_out.real)
+  metrics = {'num_prompts': len(captions), **prompts_source(config), **real_metrics,
+             'models': {}, 'straightness': {}}
   noise_key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_STREAM)
   grid_rows = []
   for model in eval_config.models:
     pipe = model_pipeline(eval_config, workdir, model)
-    noise = jax.random.normal(noise_key, real.shape[:1] + pipe.latent_shape, jnp.float32)
+    noise = jax.random.normal(noise_key, (len(captions),) + pipe.latent_shape, jnp.float32)
     results = {}
     for solver in model_solvers(eval_config, model):
       images, measured = generate_all(pipe, pipe.params, captions, noise,
                                       eval_config.guidance[model], solver, eval_config.batch_size)
       features, prompt_metrics = judge.measure(images)
-      measured['fd'] = frechet.frechet_distance(*feature_statistics(features), *real_stats)
+      if real_stats is not None:
+        measured['fd'] = frechet.frechet_distance(*feature_statistics(features), *real_stats)
       measured.update(prompt_metrics)
       if solver.kind != 'euler':
         del measured['straightness']
@@ -236,5 +313,5 @@ def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, 
     metrics['models'][model] = results
     euler = [int(n) for n in eval_config.steps[model]]
     metrics['straightness'][model] = results[str(max(euler))]['straightness']
-  report.write(stage_dir, eval_config, metrics, grid_rows, real[:eval_config.grid_prompts])
-  return {'fd_one_step': {m: r['1']['fd'] for m, r in metrics['models'].items() if '1' in r}}
+  report.write(stage_dir, eval_config, metrics, grid_rows, held_out.real)
+  return one_step_summary(metrics)
