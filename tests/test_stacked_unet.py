@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from configs import instaflow_1_7b
+from configs import sd15_distill
 from instaflow_jax.convert.torch_names import flax_to_torch_state
 from instaflow_jax.convert.torch_names import torch_state_to_flax
 from instaflow_jax.models.abstract import abstract_variables, flat_param_shapes
@@ -215,7 +216,8 @@ def test_stands_in_the_pipeline_for_a_unet(tmp_path):
 def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
   c = instaflow_1_7b.get_config()
   assert c.stages == ('distill',) and c.model.unet_kind == 'stacked'
-  assert (c.distill.teacher, c.distill.init, c.distill.loss) == ('reflow', 'reflow', 'l2')
+  two_rf = sd15_distill.TEACHER  # the last reflow phase
+  assert (c.distill.teacher, c.distill.init, c.distill.loss) == (two_rf, two_rf, 'l2')
   assert 0 < c.distill.switch_step < c.distill.steps and c.distill.loss_after == "lpips"
   counts = {}
   for dropped, keep_mid in [(c.model.stacked.num_dropped_levels, c.model.stacked.keep_mid),
