@@ -50,3 +50,11 @@ def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'slow: runs the chain, main in a subprocess, several processes or the large '
       'parity checks; `pytest -m "not slow"` is the quick tier for the edit-test loop')
+
+
+def pytest_collection_modifyitems(items):
+  """Every test that uses the quick chain is slow: the chain alone outlasts the quick tier's
+  budget."""
+  for item in items:
+    if 'quick_chain' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
