@@ -28,7 +28,8 @@ TRAIN_STEP = ('training/loop.py make_train_step over stages/train_flow.py flow_m
 
 
 def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
-  import instaflow_jax  # noqa: F401  (first: its XLA flags apply to the backend started here)
+  from instaflow_jax import cli
+  cli.add_cpu_xla_flags()  # as the command lines do, before the backend starts here
   import jax
   devices = jax.devices()  # initialise the accelerator before torch is imported
   import flax
