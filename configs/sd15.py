@@ -16,18 +16,7 @@ parameters. The batch sizes are global: scale nothing, the mesh spreads them.
 """
 import ml_collections
 
-# Logical axes (the models' parameter axes, models/layers.py, and the activations' batch)
-# -> mesh axes: the batch over data and fsdp, FSDP on the weights' input width, tensor
-# parallelism on their output width; norms and embeddings whole.
-AXIS_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('conv_in', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('conv_out', 'tensor'),
-    ('norm', None),
-    ('vocab', None),
-)
+from instaflow_jax import parallel
 
 
 def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict:
@@ -38,7 +27,7 @@ def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict
   # Data parallel over every device; --config.mesh.fsdp=8 shards params and optimizer state
   # over groups of 8 devices (instaflow_jax/parallel.py).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the devices left
-  c.axis_rules = AXIS_RULES
+  c.axis_rules = parallel.AXIS_RULES
   c.min_shard_size = 2 ** 14  # params with fewer elements stay replicated
 
   c.data = ml_collections.ConfigDict(dict(

@@ -13,6 +13,8 @@ smoke runs). Override any field from the command line, e.g. --config.rf.steps=10
 """
 import ml_collections
 
+from instaflow_jax import parallel
+
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   quick = arg == 'quick'
@@ -164,24 +166,10 @@ def training_config(quick: bool, steps: int) -> ml_collections.ConfigDict:
   return t
 
 
-# Logical axes (the models' parameter axes, models/layers.py, and the activations' batch)
-# -> mesh axes. The batch is split over data and fsdp; FSDP shards the input width of the
-# weights, tensor parallelism their output width; norms and embeddings stay whole.
-AXIS_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('conv_in', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('conv_out', 'tensor'),
-    ('norm', None),
-    ('vocab', None),
-)
-
-
 def add_mesh(c: ml_collections.ConfigDict) -> None:
   """How a run spreads over devices (instaflow_jax/parallel.py). By default every device
   is on `data` (data parallelism); --config.mesh.fsdp=8 shards params and optimizer state
   over groups of 8 devices (data=-1 takes the rest: 1 on 8 devices, 4 on 32)."""
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the devices left
-  c.axis_rules = AXIS_RULES
+  c.axis_rules = parallel.AXIS_RULES
   c.min_shard_size = 2 ** 14  # params with fewer elements stay replicated

@@ -39,6 +39,19 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+# The logical axes of the models (models/layers.py) and of the activations' batch, on the
+# mesh axes: the batch over data and fsdp, FSDP on the weights' input width, tensor
+# parallelism on their output width; norms and embeddings stay whole. Configs start here.
+AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('conv_in', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('conv_out', 'tensor'),
+    ('norm', None),
+    ('vocab', None),
+)
+
 BATCH = 'batch'  # the logical name of the batch axis of activations
 DATA_PARALLEL_RULES = ((BATCH, 'data'),)
 
