@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from configs import sd15_rf
-from configs import shapes
 from instaflow_jax import checkpoint
 from instaflow_jax import parallel
 from instaflow_jax import sampling
@@ -66,7 +65,7 @@ def analyse(config, mesh: dict, batch_size: int) -> dict:
   """The compiled step's memory analysis (bytes per device) on `mesh`."""
   train = config.rf
   layout = parallel.layout_from_config(ml_collections.ConfigDict(dict(
-      mesh=mesh, axis_rules=shapes.AXIS_RULES, min_shard_size=config.min_shard_size)))
+      mesh=mesh, axis_rules=parallel.AXIS_RULES, min_shard_size=config.min_shard_size)))
   layout.check_batch_size(batch_size, 'batch_size', train.grad_accum_steps)
   unet, params, frozen, batch = abstract_inputs(config, batch_size)
   abstract = state_lib.abstract_state(params, loop.make_optimizer(train.optimizer, train.steps))

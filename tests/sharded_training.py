@@ -94,7 +94,7 @@ def train_config(batch_size: int) -> ml_collections.ConfigDict:
 
 def layout(data: int, fsdp: int, devices=None, tensor: int = 1) -> parallel.Layout:
   mesh_config = ml_collections.ConfigDict(dict(
-      mesh=dict(data=data, fsdp=fsdp, tensor=tensor), axis_rules=shapes.AXIS_RULES,
+      mesh=dict(data=data, fsdp=fsdp, tensor=tensor), axis_rules=parallel.AXIS_RULES,
       min_shard_size=MIN_SHARD_SIZE))
   return parallel.layout_from_config(mesh_config, devices)
 

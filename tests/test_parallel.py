@@ -129,7 +129,7 @@ def test_bad_layout_in_a_config_is_a_user_error():
                                        r'divide the 1 devices') as error:
     parallel.layout_from_config(config)
   assert isinstance(error.value, stages.USER_ERRORS)  # main: one line, exit status 1
-  config = ml_collections.ConfigDict(dict(mesh=dict(data=-1), axis_rules=shapes.AXIS_RULES,
+  config = ml_collections.ConfigDict(dict(mesh=dict(data=-1), axis_rules=parallel.AXIS_RULES,
                                           min_shard_size=0))
   with pytest.raises(ValueError, match="config.axis_rules map 'batch' to mesh axis 'fsdp', "
                                        r'which config.mesh \(data\) does not have'):
