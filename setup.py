@@ -22,8 +22,8 @@ setup(
     description='InstaFlow (one-step text-to-image with rectified flow) in JAX/Flax: '
                 'training recipe, sampling, evaluation, conversion.',
     packages=find_packages(include=['instaflow_jax', 'instaflow_jax.*']),
-    # The CPU kernels' source, compiled on first use (models/cpu_kernels.py).
-    package_data={'instaflow_jax.models': ['*.cc']},
+    # The CPU kernels' source, compiled on first use (models/formulations/cpu_kernels.py).
+    package_data={'instaflow_jax.models.formulations': ['*.cc']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.7',

@@ -1,4 +1,4 @@
-r"""What the custom backward passes of models/layers.py save in XLA:CPU's buffers: the
+r"""What the custom backward passes of the CPU formulations (models/formulations/cpu.py) save in XLA:CPU's buffers: the
 temporary memory of compiled gradients and training steps, with and without each one,
 from the compiled executable's memory analysis. Nothing large is run.
 
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from instaflow_jax.models import layers
+from instaflow_jax.models.formulations import cpu
 
 KIB = 2 ** 10
 
@@ -47,9 +48,9 @@ def group_norm_silu(x, scale, bias):
 def attention_rows(depth: int, tokens: int) -> dict:
   x = jnp.ones((4, tokens, 4, 8))
   paths = {'autodiff (jax.nn.dot_product_attention)': lambda t: jax.nn.dot_product_attention(t, t, t),
-           'XLA formulation, recomputing backward': lambda t: layers._xla_attention_on_cpu(
+           'XLA formulation, recomputing backward': lambda t: cpu.xla_attention(
                t, t, t, False, None),
-           'C++ kernel': lambda t: layers._attention_on_cpu(t, t, t, False, None)}
+           'C++ kernel': lambda t: cpu.attention(t, t, t, False, None)}
   return {name: memory(chain_grad(f, depth), x) for name, f in paths.items()}
 
 
@@ -57,7 +58,7 @@ def group_norm_rows(depth: int, size: int) -> dict:
   x = jnp.ones((4, size, size, 64))
   scale, bias = jnp.ones(64), jnp.zeros(64)
   paths = {'autodiff': group_norm_silu,
-           'recomputed_in_backward': layers.recomputed_in_backward(group_norm_silu)}
+           'recomputed_in_backward': cpu.recomputed_in_backward(group_norm_silu)}
   return {name: memory(chain_grad(lambda t: f(t, scale, bias), depth), x)
           for name, f in paths.items()}
 

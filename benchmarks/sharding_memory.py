@@ -42,7 +42,7 @@ GIB = 2 ** 30
 def abstract_inputs(config, batch_size: int):
   """Shapes of the U-Net's params (unboxed), the frozen inputs and a cached-input batch."""
   unet = UNet2DConditionModel(SD15_UNET, dtype=jnp.dtype(config.model.compute_dtype),
-                              remat_blocks=config.model.remat)
+                              remat_policy=config.model.remat_policy)
   params = nn.meta.unbox(jax.eval_shape(unet.init, jax.random.key(0),
                                         *unet.example_inputs())['params'])
   frozen = {'null_embeds': jax.ShapeDtypeStruct((1, 77, 768), jnp.float32)}

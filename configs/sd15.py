@@ -49,7 +49,9 @@ def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict
       source='diffusers',
       diffusers_path=diffusers_path,
       compute_dtype='bfloat16',     # fp32 master weights, bf16 compute
-      remat=True,
+      # What the U-Net's backward pass recomputes (models/unet.py REMAT_POLICIES: none,
+      # attention, dots_saveable, full); the memory of each: benchmarks/residuals.py.
+      remat_policy='full',
       autoencoder='vae',
       text_seed=0,
       max_length=77,
@@ -67,7 +69,8 @@ def training(**settings) -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       ema_decay=0.9999,
       optimizer=dict(lr=1e-5, warmup_steps=1000, schedule='constant', grad_clip=1.0,
-                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
+                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
+                     mu_dtype=''),  # AdamW's first moment: '' = float32; 'bfloat16' halves it
       time=dict(kind='uniform', logit_mean=0.0, logit_std=1.0, u_shape_a=4.0),
       loss='l2',                    # or 'pseudo_huber'
       caption_dropout=0.1,          # classifier-free guidance training

@@ -52,7 +52,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       stacked=dict(num_dropped_levels=0, keep_mid=True),
       diffusers_path='',
       compute_dtype='float32',
-      remat=False,
+      remat_policy='none',          # a CPU saves nothing by it (models/unet.py)
       autoencoder='identity',       # pixel space
       # The word tokenizer's words: '' = those of the training captions, or a file (one
       # word a line, or a word_tokenizer.json). With the encoder from text_seed they are
@@ -149,7 +149,8 @@ def training_config(quick: bool, steps: int) -> ml_collections.ConfigDict:
   t.ema_decay = 0.99 if quick else 0.995  # short runs: average the last ~200 steps
   t.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=5 if quick else 100, schedule='cosine', grad_clip=1.0,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      mu_dtype=''))                 # AdamW's first moment: '' = the params' dtype, or 'bfloat16'
   t.time = ml_collections.ConfigDict(dict(
       kind='uniform', logit_mean=0.0, logit_std=1.0, u_shape_a=4.0))
   t.loss = 'l2'                     # or 'pseudo_huber'

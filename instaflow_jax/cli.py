@@ -15,11 +15,6 @@ from absl import app
 from absl import flags
 from absl import logging
 
-# XLA:CPU compiles convolutions through YNNPACK by default; its own (Eigen) convolutions run
-# this project's U-Net and VAE decoder faster on an x86 CPU (benchmarks/README.md). The
-# flag names xla_cpu_ only, so GPU/TPU code is unchanged.
-CPU_XLA_FLAGS = {'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution'}
-
 # Bad input (a path, a file, a config) rather than a bug; checkpoint.CheckpointError and
 # convert's ConversionError are among them.
 USER_INPUT_ERRORS = (ValueError, OSError)
@@ -65,17 +60,6 @@ def staged_output(out: str, into_existing: bool = False):
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def add_cpu_xla_flags(environ=os.environ) -> None:
-  """Adds CPU_XLA_FLAGS to XLA_FLAGS, where the user has not set them: part of a command
-  line's process set-up, before JAX's first computation (importing the package sets
-  nothing)."""
-  flags_now = environ.get('XLA_FLAGS', '')
-  extra = [f'--{name}={value}' for name, value in CPU_XLA_FLAGS.items()
-           if f'--{name}=' not in flags_now]
-  if extra:
-    environ['XLA_FLAGS'] = ' '.join(filter(None, [flags_now] + extra))
-
-
 def run_command(flag_values: flags.FlagValues, argv: Sequence[str], command) -> None:
   """Parses `argv` (argv[0] is the program) into `flag_values` and runs command(); bad
   input ends the process with one line `error: ...` and exit status 1."""
@@ -102,5 +86,4 @@ def _parse_absl_flags(argv: Sequence[str]) -> Sequence[str]:
 def run_main(main) -> None:
   """app.run for a command line whose flags are its own FlagValues, parsed by `main`."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow comes with tfds and clu
-  add_cpu_xla_flags()
   app.run(main, flags_parser=_parse_absl_flags)

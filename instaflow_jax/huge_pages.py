@@ -10,9 +10,14 @@ the kernel time, and the step 15% faster (benchmarks/README.md). PyTorch's step 
 unchanged by it.
 
 Tunables are read only when a process starts, so the command-line entry points restart
-themselves once with it set (same process id, same arguments). Setting GLIBC_TUNABLES to
-include `glibc.malloc.hugetlb=0` opts out.
+themselves once with it set (same process id, same arguments), where JAX will run on the
+CPU: JAX_PLATFORMS starts with cpu, or no accelerator's plugin is installed. GPUs and TPUs
+allocate their own memory; there the command does not restart. Setting GLIBC_TUNABLES to
+include `glibc.malloc.hugetlb=0` opts out. A program that imports the package is never
+restarted or changed.
 """
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -40,13 +45,24 @@ def _huge_pages_only_when_advised(thp_mode_file: str = _THP_MODE_FILE) -> bool:
     return False
 
 
+def jax_will_run_on_cpu(env: Mapping[str, str]) -> bool:
+  """Whether JAX's default backend will be the CPU, told without starting one (that takes
+  seconds on a GPU): JAX_PLATFORMS's first entry, else whether a GPU or TPU plugin (a
+  `jax_plugins` entry point, or libtpu) is installed."""
+  platforms = env.get('JAX_PLATFORMS', '')
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not (importlib.metadata.entry_points(group='jax_plugins')
+              or importlib.util.find_spec('libtpu'))
+
+
 def restart_with_huge_pages(thp_mode_file: str = _THP_MODE_FILE) -> None:
-  """Re-executes this command with the tunable set, where glibc and the kernel (its THP
-  mode in `thp_mode_file`) make that useful; returns where nothing needs doing. Call it
-  first thing in a `__main__`."""
+  """Re-executes this command with the tunable set, where JAX runs on the CPU and glibc and
+  the kernel (its THP mode in `thp_mode_file`) make that useful; returns where nothing
+  needs doing. Call it first thing in a command's `__main__`."""
   env = with_huge_pages(os.environ)
-  if (env == dict(os.environ) or platform.libc_ver()[0] != 'glibc'
-      or not _huge_pages_only_when_advised(thp_mode_file)):
+  if (env == dict(os.environ) or not jax_will_run_on_cpu(os.environ)
+      or platform.libc_ver()[0] != 'glibc' or not _huge_pages_only_when_advised(thp_mode_file)):
     return
   sys.stdout.flush()
   sys.stderr.flush()

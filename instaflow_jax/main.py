@@ -134,12 +134,11 @@ def parse_flags(argv):
 
 def configure_process() -> None:
   """The process settings of the training command, all here (importing the package sets
-  none): glibc's huge pages (a restart), XLA:CPU's convolutions (cli.add_cpu_xla_flags),
-  quiet TensorFlow (used only by tfds and clu), and no triton for torch: torch's triton
-  (GPU kernels for torch.compile) crashes the process when it is first imported after
+  none): glibc's huge pages where JAX will run on the CPU (a restart, huge_pages.py), quiet
+  TensorFlow (used only by tfds and clu), and no triton for torch: torch's triton (GPU
+  kernels for torch.compile) crashes the process when it is first imported after
   TensorFlow, and this command uses torch only on the CPU (the CLIP score, .bin files)."""
   huge_pages.restart_with_huge_pages()
-  cli.add_cpu_xla_flags()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   sys.modules.setdefault('triton', None)
 

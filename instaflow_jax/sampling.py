@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from instaflow_jax.flow import diffusion
 from instaflow_jax.flow import samplers
+from instaflow_jax.models import formulations
 
 # A flow's solver (Euler, Dopri5) or a diffusion model's (DPM-Solver++, DDIM).
 AnySolver = Union[samplers.Solver, diffusion.DiffusionSolver]
@@ -47,7 +48,7 @@ def decode_to_images(modules: PipelineModules, params, latents: jax.Array) -> ja
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
+@formulations.jit(static_argnums=(0, 6))
 def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, latents,
                    guidance_scale, solver: AnySolver):
   """Solves the text-conditioned flow (a samplers.Solver) or diffusion model's ODE (a
@@ -70,7 +71,7 @@ def sample_latents(modules: PipelineModules, params, token_ids, uncond_ids, late
   return samplers.integrate(velocity, latents, solver)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
+@formulations.jit(static_argnums=(0, 6))
 def sample_images(modules: PipelineModules, params, token_ids, uncond_ids, latents,
                   guidance_scale, solver: AnySolver):
   """sample_latents, decoded to images in [0, 1]: (images, its samplers.Solution)."""

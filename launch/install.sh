@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# A C++ compiler builds the CPU kernels (instaflow_jax/models/cpu_kernels.cc).
+# A C++ compiler builds the CPU kernels (instaflow_jax/models/formulations/cpu_kernels.cc).
 if ! command -v "${CXX:-c++}" >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -q g++ >/dev/null
 fi
@@ -15,4 +15,4 @@ fi
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e '.[test]'
 # Build the kernels now, so that a compiler problem shows here rather than as a warning later.
-.venv/bin/python -c 'from instaflow_jax.models import cpu_kernels as k; k.built_library()'
+.venv/bin/python -c 'from instaflow_jax.models.formulations import cpu_kernels as k; k.built_library()'

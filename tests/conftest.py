@@ -15,10 +15,6 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_REPO, '.cache',
 _FAST_COMPILE = '--xla_backend_optimization_level=0'
 if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = ' '.join(filter(None, [os.environ.get('XLA_FLAGS'), _FAST_COMPILE]))
-# The command lines' XLA:CPU flags, so that the tests run what the commands run.
-from instaflow_jax import cli  # noqa: E402
-cli.add_cpu_xla_flags()
-
 # triton, torch's GPU compiler, segfaults when it is loaded after TensorFlow in one process
 # (tensorflow-cpu 2.21, torch 2.14.1). diffusers, torchvision and transformers' models try
 # to import it, and a session loads TensorFlow (clu, tfds) whenever its first module that

@@ -10,7 +10,7 @@ from instaflow_jax import workdir as workdir_lib
 def diffusers_model_config(folder: str) -> ml_collections.ConfigDict:
   """A config whose model is the diffusers folder `folder` (as configs/sd15_*.py name it)."""
   return ml_collections.ConfigDict({'model': dict(
-      source='diffusers', diffusers_path=folder, compute_dtype='float32', remat=False)})
+      source='diffusers', diffusers_path=folder, compute_dtype='float32', remat_policy='none')})
 
 
 def write_stage(workdir: str, stage: str, config: ml_collections.ConfigDict, params=None,

@@ -1,22 +1,8 @@
-"""The command lines' process set-up: XLA:CPU's flags, added by the commands, not the import."""
+"""The command lines' process set-up, done by the commands, not by importing the package."""
 import subprocess
 import sys
 
-from instaflow_jax import cli
 from tests import runs
-
-
-def test_the_cpu_flags_join_the_users_and_never_replace_them():
-  environ = {'XLA_FLAGS': '--xla_dump_to=/tmp/d'}
-  cli.add_cpu_xla_flags(environ)
-  assert environ['XLA_FLAGS'] == ('--xla_dump_to=/tmp/d '
-                                  '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution')
-  chosen = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=default'}
-  cli.add_cpu_xla_flags(chosen)
-  assert chosen == {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=default'}
-  empty = {}
-  cli.add_cpu_xla_flags(empty)
-  assert empty == {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'}
 
 
 def test_importing_the_package_leaves_the_process_as_it_was():

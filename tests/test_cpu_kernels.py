@@ -1,4 +1,4 @@
-"""The C++ kernels for XLA:CPU (models/cpu_kernels.cc) against PyTorch in float64: attention
+"""The C++ kernels for XLA:CPU (models/formulations/cpu_kernels.cc) against PyTorch in float64: attention
 (scaled_dot_product_attention; outputs and gradients, on shapes that reach every branch: key
 counts that are not whole registers, fewer keys than a register, query counts that are not
 whole row blocks, head dims 4 to 40, large logits) and GroupNorm with its SiLU; that the
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from instaflow_jax.models import cpu_kernels
+from instaflow_jax.models import formulations
+from instaflow_jax.models.formulations import cpu_kernels
 from instaflow_jax.models import layers
 from tests import jaxprs
 
@@ -139,9 +140,9 @@ def test_group_norm_layer_runs_the_kernel_forward_and_xla_backward(monkeypatch):
 
 def test_layers_run_the_kernel_where_it_applies():
   x = jnp.ones((1, 8, 2, 8))
-  unmasked = lambda t: layers.dot_product_attention(t, t, t)
-  causal = lambda t: layers.dot_product_attention(t, t, t, is_causal=True)
-  odd_dim = lambda t: layers.dot_product_attention(t[..., :6], t[..., :6], t[..., :6])
+  unmasked = lambda t: formulations.attention(t, t, t)
+  causal = lambda t: formulations.attention(t, t, t, is_causal=True)
+  odd_dim = lambda t: formulations.attention(t[..., :6], t[..., :6], t[..., :6])
   assert jaxprs.ffi_targets(unmasked, x) == {'instaflow_attention_forward'}
   assert jaxprs.ffi_targets(jax.grad(lambda t: unmasked(t).sum()), x) == {
       'instaflow_attention_forward', 'instaflow_attention_backward'}
@@ -176,7 +177,7 @@ def test_a_mesh_of_cpu_devices_keeps_the_xla_formulation():
       from tests import jaxprs
       mesh = Mesh(np.array(jax.devices()), ('data',))
       x = jax.device_put(jnp.ones((8, 16, 2, 8)), NamedSharding(mesh, P('data')))
-      loss = lambda t: jnp.sum(jnp.sin(layers.dot_product_attention(t, t, t)))
+      loss = lambda t: jnp.sum(jnp.sin(formulations.attention(t, t, t)))
       grad = jax.grad(loss)
       assert not jaxprs.ffi_targets(grad, x)
       assert jax.jit(grad)(x).sharding.is_equivalent_to(x.sharding, x.ndim)
@@ -195,7 +196,7 @@ def test_without_a_compiler_it_warns_once_and_uses_the_xla_formulation(tmp_path)
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         for _ in range(2):
-          kernels = jaxprs.ffi_targets(lambda t: layers.dot_product_attention(t, t, t), x)
+          kernels = jaxprs.ffi_targets(lambda t: formulations.attention(t, t, t), x)
       assert not kernels
       print(len(caught), caught[0].message)
   ''', CXX=str(tmp_path / 'no-such-compiler'), INSTAFLOW_JAX_KERNEL_CACHE=str(tmp_path / 'k'))

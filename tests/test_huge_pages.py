@@ -66,3 +66,22 @@ def test_no_restart_where_the_user_opted_out(tmp_path):
   env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.hugetlb=0')
   _, _, tunables = _run_report(env, _thp_mode_file(tmp_path, 'always [madvise] never'))
   assert tunables == 'glibc.malloc.hugetlb=0'
+
+
+def test_no_restart_where_jax_runs_on_an_accelerator(tmp_path):
+  env = dict(_env_without_tunables(), JAX_PLATFORMS='cuda,cpu')
+  _, _, tunables = _run_report(env, _thp_mode_file(tmp_path, 'always [madvise] never'))
+  assert tunables == 'None'
+
+
+@pytest.mark.parametrize('platforms, on_cpu', [('cpu', True), ('cpu,cuda', True),
+                                               ('tpu', False), ('cuda,cpu', False)])
+def test_the_backend_is_told_from_jax_platforms(platforms, on_cpu):
+  assert huge_pages.jax_will_run_on_cpu({'JAX_PLATFORMS': platforms}) == on_cpu
+
+
+def test_without_jax_platforms_an_installed_accelerator_plugin_decides(monkeypatch):
+  assert huge_pages.jax_will_run_on_cpu({})  # this machine has none
+  monkeypatch.setattr(huge_pages.importlib.metadata, 'entry_points',
+                      lambda group: ['xla_cuda12'] if group == 'jax_plugins' else [])
+  assert not huge_pages.jax_will_run_on_cpu({})

@@ -1,6 +1,7 @@
-"""The CPU formulations in models/layers.py against the XLA primitives they replace, and the
-custom backward passes that keep the training step's memory down: same gradients, and
-what they keep for the backward pass (the memory that saves: benchmarks/remat_memory.py)."""
+"""The layers on a CPU, through the CPU formulations (models/formulations/cpu.py), against the
+XLA primitives they replace, and the custom backward passes that keep the training step's
+memory down: same gradients, and what they keep for the backward pass (the memory that
+saves: benchmarks/remat_memory.py)."""
 import math
 
 import flax.linen as nn
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from instaflow_jax.models import layers
+from instaflow_jax.models.formulations import cpu
+from instaflow_jax.models.formulations import portable
 from tests import jaxprs
 
 
@@ -31,7 +34,7 @@ def test_conv_as_matmul_equals_the_convolution(size, kernel, stride, padding):
   x = jnp.asarray(rng.randn(2, size, size + 1, 5), jnp.float32)
   w = jnp.asarray(rng.randn(kernel, kernel, 5, 7), jnp.float32)
   expected = _lax_conv(x, w, (stride, stride), padding)
-  got = layers._conv_as_matmul(x, w, (stride, stride), padding)
+  got = cpu._conv_as_matmul(x, w, (stride, stride), padding)
   assert got.shape == expected.shape
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -43,7 +46,7 @@ def test_conv_module_matches_lax_on_both_paths(size):
   params = nn.meta.unbox(module.init(jax.random.key(0), x))['params']
   apply = lambda x: module.apply({'params': params}, x)
   uses_library_conv = 'conv_general_dilated' in str(jax.make_jaxpr(apply)(x))
-  assert uses_library_conv == (size * size > layers._CPU_MATMUL_CONV_MAX_PIXELS)
+  assert uses_library_conv == (size * size > cpu._MATMUL_CONV_MAX_PIXELS)
   expected = _lax_conv(x, params['kernel'], (1, 1), ((1, 1), (1, 1))) + params['bias']
   np.testing.assert_allclose(apply(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -63,10 +66,10 @@ def test_conv_of_upsampled_input_equals_the_convolution_of_the_upsampling(height
     return jnp.sum(weights * conv(x, kernel))
 
   ours = lambda x, kernel: module.apply({'params': dict(params, kernel=kernel)}, x)
-  plain = lambda x, kernel: _lax_conv(layers.upsample_nearest_2x(x), kernel, (1, 1),
+  plain = lambda x, kernel: _lax_conv(portable.upsample_nearest_2x(x), kernel, (1, 1),
                                       ((1, 1), (1, 1))) + params['bias']
   uses_library_conv = 'conv_general_dilated' in str(jax.make_jaxpr(ours)(x, params['kernel']))
-  assert uses_library_conv == (height * width > layers._CPU_MATMUL_CONV_MAX_PIXELS)
+  assert uses_library_conv == (height * width > cpu._MATMUL_CONV_MAX_PIXELS)
   np.testing.assert_allclose(ours(x, params['kernel']), plain(x, params['kernel']),
                              rtol=1e-5, atol=1e-5)
   got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1))(x, params['kernel'])
@@ -90,7 +93,7 @@ def test_cpu_attention_equals_jax_attention_with_gradients(is_causal, with_mask)
   expected = jax.value_and_grad(lambda *t: loss(jax.nn.dot_product_attention, *t),
                                 argnums=(0, 1, 2))(q, k, v)
   # Both CPU paths: the kernel (unmasked) or its fallback, and the XLA formulation itself.
-  for cpu_attention in (layers._attention_on_cpu, layers._xla_attention_on_cpu):
+  for cpu_attention in (cpu.attention, cpu.xla_attention):
     ours = lambda q, k, v, **kw: cpu_attention(q, k, v, kw['is_causal'], kw['mask'])
     got = jax.value_and_grad(lambda *t: loss(ours, *t), argnums=(0, 1, 2))(q, k, v)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
@@ -114,8 +117,8 @@ def test_cpu_attention_keeps_no_weights_for_the_backward_pass():
   output and the log-sum-exp. What that saves in XLA's buffers: benchmarks/remat_memory.py."""
   x = jnp.ones((2, 128, 2, 8))
   weights_size = 2 * 2 * 128 * 128
-  paths = {'kernel': lambda t: layers._attention_on_cpu(t, t, t, False, None),
-           'xla': lambda t: layers._xla_attention_on_cpu(t, t, t, False, None),
+  paths = {'kernel': lambda t: cpu.attention(t, t, t, False, None),
+           'xla': lambda t: cpu.xla_attention(t, t, t, False, None),
            'autodiff': lambda t: jax.nn.dot_product_attention(t, t, t)}
   largest = {name: max(math.prod(shape) for shape in _residual_shapes(f, x))
              for name, f in paths.items()}
@@ -134,7 +137,7 @@ def test_recomputed_in_backward_gives_the_gradients_and_keeps_only_the_inputs():
     g = (g - g.mean(axis=(1, 3), keepdims=True)) / jnp.sqrt(g.var(axis=(1, 3), keepdims=True) + 1e-5)
     return jax.nn.silu(g.reshape(x.shape) * scale + bias)
 
-  recomputed = layers.recomputed_in_backward(group_norm_silu)
+  recomputed = cpu.recomputed_in_backward(group_norm_silu)
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
   for a, b in zip(jax.grad(loss(recomputed), argnums=(0, 1, 2))(x, scale, bias),
                   jax.grad(loss(group_norm_silu), argnums=(0, 1, 2))(x, scale, bias)):

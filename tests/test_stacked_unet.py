@@ -224,7 +224,7 @@ def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
                             (0, False), (1, False)]:
     config = StackedUNetConfig.from_dict(
         {'unet': SD15, 'num_dropped_levels': dropped, 'keep_mid': keep_mid})
-    model = StackedUNet(config, dtype=jnp.dtype(c.model.compute_dtype), remat_blocks=c.model.remat)
+    model = StackedUNet(config, dtype=jnp.dtype(c.model.compute_dtype), remat_policy=c.model.remat_policy)
     shapes = flat_param_shapes(abstract_variables(model))
     counts[dropped, keep_mid] = _count(shapes)
     print(f'stacked SD 1.5 U-Net, num_dropped_levels={dropped} keep_mid={keep_mid}: '
@@ -236,7 +236,8 @@ def test_instaflow_1_7b_config_builds_the_stacked_sd15_unet():
 def test_base_unet_is_the_single_unet_it_is_made_from():
   config = StackedUNetConfig.from_dict(
       {'unet': THREE_LEVELS, 'num_dropped_levels': 1, 'keep_mid': False})
-  stacked = StackedUNet(config, dtype=jnp.bfloat16, remat_blocks=True)
+  stacked = StackedUNet(config, dtype=jnp.bfloat16, remat_policy='full')
   base = stacked.base_unet()
-  assert base.config == config.unet and base.dtype == jnp.bfloat16 and base.remat_blocks
+  assert base.config == config.unet and base.dtype == jnp.bfloat16
+  assert base.remat_policy == 'full'
   assert base.parent is None  # usable on its own, outside the stack

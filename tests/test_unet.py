@@ -193,17 +193,28 @@ def test_bfloat16_compute_stays_close(tiny):
 
 
 @pytest.mark.slow  # a sweep beside the parity test of the quick tier
-def test_remat_keeps_param_tree_and_outputs(tiny):
+@pytest.mark.parametrize('policy, rematted_kinds', [
+    ('attention', ('attentions_',)), ('dots_saveable', ('resnets_', 'attentions_')),
+    ('full', ('resnets_', 'attentions_'))])
+def test_remat_policies_keep_param_tree_and_outputs(tiny, policy, rematted_kinds):
   plain = tiny['model']
-  remat = UNet2DConditionModel(plain.config, remat_blocks=True)
+  remat = UNet2DConditionModel(plain.config, remat_policy=policy)
   abstract = abstract_variables(plain)
   # Same paths, shapes, dtypes and logical axis names.
   assert abstract_variables(remat) == abstract
 
   args = (tiny['params'], tiny['x'], TIMESTEPS, tiny['context'])
-  eqns = jax.make_jaxpr(remat.apply)(*args).eqns
-  checkpointed = sum('remat' in e.primitive.name or e.primitive.name == 'checkpoint' for e in eqns)
+  checkpoints = [e for e in jax.make_jaxpr(remat.apply)(*args).eqns
+                 if 'remat' in e.primitive.name or e.primitive.name == 'checkpoint']
   blocks = {path[:2] for path in flat_param_shapes(abstract)
-            if path[1].startswith(('resnets_', 'attentions_'))}
-  assert checkpointed == len(blocks)
+            if path[1].startswith(rematted_kinds)}
+  assert len(checkpoints) == len(blocks)
+  saves_dots = policy == 'dots_saveable'
+  assert all((e.params['policy'] is not None) == saves_dots for e in checkpoints)
   np.testing.assert_array_equal(jax.jit(remat.apply)(*args), jax.jit(plain.apply)(*args))
+
+
+def test_an_unknown_remat_policy_is_refused(tiny):
+  model = UNet2DConditionModel(tiny['model'].config, remat_policy='some')
+  with pytest.raises(ValueError, match="remat policy 'some' is unknown"):
+    jax.eval_shape(model.apply, tiny['params'], tiny['x'], TIMESTEPS, tiny['context'])

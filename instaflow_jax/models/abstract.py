@@ -4,6 +4,7 @@ from typing import Any, Dict, Tuple
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -34,3 +35,9 @@ def init_params(module: nn.Module, seed: int):
   init = jax.jit(module.init, compiler_options={'xla_backend_optimization_level': 0})
   variables = init(jax.random.key(seed), *module.example_inputs())
   return nn.meta.unbox(variables)['params']
+
+
+def cast_floats(params, dtype):
+  """params with every floating-point leaf cast to `dtype` (integer leaves kept)."""
+  return jax.tree.map(
+      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instaflow_jax.models import formulations
 from instaflow_jax.models import layers
 
 Dtype = Any
@@ -117,7 +118,7 @@ class CLIPAttention(nn.Module):
     split = lambda t: t.reshape(t.shape[:-1] + (cfg.num_attention_heads, cfg.head_dim))
     q, k, v = (split(layers.dense(cfg.hidden_size, name, **kw)(x))
                for name in ('q_proj', 'k_proj', 'v_proj'))
-    out = layers.dot_product_attention(q, k, v, mask=key_mask, is_causal=True)
+    out = formulations.attention(q, k, v, mask=key_mask, is_causal=True)
     out = out.reshape(out.shape[:-2] + (cfg.hidden_size,))
     return layers.dense(cfg.hidden_size, 'out_proj', axes=('mlp', 'embed'), **kw)(out)
 

@@ -131,22 +131,22 @@ class StackedUNet(nn.Module):
   """(sample [B, H, W, C], timesteps [B] or scalar, encoder_hidden_states [B, T, D]) ->
   [B, H, W, C]: unet_2(unet_1(sample)), both halves given the same timesteps and text.
 
-  dtype, param_dtype and remat_blocks mean what they mean for UNet2DConditionModel.
+  dtype, param_dtype and remat_policy mean what they mean for UNet2DConditionModel.
   """
   config: StackedUNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat_blocks: bool = False
+  remat_policy: str = 'none'
 
   def base_unet(self) -> unet_lib.UNet2DConditionModel:
     """The whole single U-Net (config.unet) the stack is made from: the teacher's model."""
     return unet_lib.UNet2DConditionModel(self.config.unet, dtype=self.dtype,
                                          param_dtype=self.param_dtype,
-                                         remat_blocks=self.remat_blocks, parent=None)
+                                         remat_policy=self.remat_policy, parent=None)
 
   def half(self, name: str) -> unet_lib.UNet2DConditionModel:
     return _half(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                 remat_blocks=self.remat_blocks, name=name)
+                 remat_policy=self.remat_policy, name=name)
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array,

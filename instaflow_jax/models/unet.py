@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instaflow_jax.models import formulations
 from instaflow_jax.models import layers
 
 Dtype = Any
@@ -175,9 +176,36 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
+# What the backward pass recomputes instead of keeping (remat_policy):
+#   none           nothing: autodiff keeps every block's intermediates.
+#   attention      the transformer blocks (norms, attention, the 4x-wide feed-forward);
+#                  the resnet blocks keep theirs.
+#   dots_saveable  every block, keeping the outputs of its projections and convolutions'
+#                  matmuls without batch dimensions (not attention's [q, kv] scores).
+#   full           every block, keeping only its inputs.
+# XLA:CPU drops the optimization barriers remat relies on, so on a CPU it saves nothing;
+# the CPU formulations (models/formulations/cpu.py) save memory there instead.
+REMAT_POLICIES = ('none', 'attention', 'dots_saveable', 'full')
+
+
+def check_remat_policy(policy: str) -> str:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'remat policy {policy!r} is unknown; use one of {REMAT_POLICIES}')
+  return policy
+
+
 @functools.lru_cache(maxsize=None)
-def _rematted(module_class):
+def _rematted(module_class, policy: str):
+  if policy == 'dots_saveable':
+    return nn.remat(module_class, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   return nn.remat(module_class)
+
+
+def _block_class(module_class, policy: str, is_attention: bool):
+  """module_class, rematerialised as `policy` says for a block of its kind."""
+  if policy == 'none' or (policy == 'attention' and not is_attention):
+    return module_class
+  return _rematted(module_class, policy)
 
 
 class TimestepEmbedding(nn.Module):
@@ -208,7 +236,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = layers.dense(2 * self.features, 'proj', dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    return layers.recomputed_in_backward(_geglu)(x)
+    return formulations.recomputed(_geglu)(x)
 
 
 class FeedForward(nn.Module):
@@ -285,19 +313,19 @@ class _Block(nn.Module):
   config: UNetConfig
   out_channels: int
   heads: Optional[int]
-  remat: bool = False
+  remat_policy: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def resnet(self, index: int, output_scale_factor: float = 1.0) -> nn.Module:
     cfg = self.config
-    module = _rematted(layers.ResnetBlock2D) if self.remat else layers.ResnetBlock2D
+    module = _block_class(layers.ResnetBlock2D, self.remat_policy, is_attention=False)
     return module(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,
                   output_scale_factor, self.dtype, self.param_dtype, name=f'resnets_{index}')
 
   def attention(self, index: int) -> nn.Module:
     cfg = self.config
-    module = _rematted(Transformer2DModel) if self.remat else Transformer2DModel
+    module = _block_class(Transformer2DModel, self.remat_policy, is_attention=True)
     return module(self.heads, cfg.transformer_layers_per_block, cfg.norm_num_groups,
                   cfg.use_linear_projection, self.dtype, self.param_dtype,
                   name=f'attentions_{index}')
@@ -362,8 +390,8 @@ class UNet2DConditionModel(nn.Module):
   [B, T, cross_attention_dim]) -> [B, H, W, out_channels].
 
   Computes in `dtype` (norm statistics and attention softmax in float32), keeps params
-  in `param_dtype`. remat_blocks recomputes each resnet and transformer in the backward
-  pass instead of storing its activations; parameter names do not change.
+  in `param_dtype`. remat_policy (REMAT_POLICIES) says which blocks the backward pass
+  recomputes instead of keeping their activations; parameter names do not change.
 
   num_dropped_levels=k leaves out the k deepest resolution levels (their down blocks, up
   blocks up_blocks_0..up_blocks_{k-1}, and the down-sampler that fed them); keep_mid=False
@@ -375,7 +403,7 @@ class UNet2DConditionModel(nn.Module):
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat_blocks: bool = False
+  remat_policy: str = 'none'
   num_dropped_levels: int = 0
   keep_mid: bool = True
 
@@ -384,7 +412,7 @@ class UNet2DConditionModel(nn.Module):
                encoder_hidden_states: jax.Array) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block_kw = dict(config=cfg, remat=self.remat_blocks, **kw)
+    block_kw = dict(config=cfg, remat_policy=check_remat_policy(self.remat_policy), **kw)
     context = encoder_hidden_states
     if cfg.center_input_sample:
       sample = 2 * sample - 1.0

@@ -24,6 +24,7 @@ from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
+from instaflow_jax.models import abstract
 from instaflow_jax.models import stacked_unet
 from instaflow_jax.stages import common
 from instaflow_jax.training import loop
@@ -41,12 +42,15 @@ def _losses_used(config) -> tuple:
   return used
 
 
-def load_lpips_if_needed(config):
-  """(module, params) of LPIPS when a loss needs it; fails before any compute otherwise."""
+def load_lpips_if_needed(config, dtype=jnp.float32):
+  """(module, params) of LPIPS, frozen in `dtype`, when a loss needs it; fails before any
+  compute otherwise."""
   if not set(_losses_used(config)) & set(IMAGE_LOSSES):
     return None, None
   from instaflow_jax.convert import lpips_weights
-  return lpips_weights.load_lpips(config.lpips_net, trunk_path=config.lpips_trunk_path or None)
+  module, params = lpips_weights.load_lpips(
+      config.lpips_net, trunk_path=config.lpips_trunk_path or None, dtype=dtype)
+  return module, abstract.cast_floats(params, dtype)
 
 
 def student_sample(modules, params, x0, embeds, num_steps: int):
@@ -111,12 +115,13 @@ def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[st
   workdir_lib.stage_params_path(workdir, distill_config.teacher, f'{stage}.teacher')
   if distill_config.init:
     workdir_lib.stage_params_path(workdir, distill_config.init, f'{stage}.init')
-  lpips_module, lpips_params = load_lpips_if_needed(distill_config)
-  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed, workdir=workdir)
-  teacher = common.load_unet_params(
+  lpips_module, lpips_params = load_lpips_if_needed(distill_config,
+                                                    jnp.dtype(config.model.compute_dtype))
+  pipe = pipeline_lib.Pipeline.for_training(config.model, seed=config.seed, workdir=workdir)
+  teacher = abstract.cast_floats(common.load_unet_params(
       stacked_unet.base_unet(pipe.unet),
       workdir_lib.stage_params_path(workdir, distill_config.teacher, f'{stage}.teacher'),
-      f'{stage}.teacher')
+      f'{stage}.teacher'), pipe.unet.dtype)  # frozen: in the compute dtype
   student = common.initial_unet_params(pipe, workdir, distill_config.init, f'{stage}.init')
   frozen = dict(common.frozen_params(pipe), teacher=teacher)
   if lpips_module is not None:

@@ -53,6 +53,7 @@ from instaflow_jax.evaluation import frechet
 from instaflow_jax.evaluation import report
 from instaflow_jax.evaluation import shapes_evaluator
 from instaflow_jax.flow import samplers
+from instaflow_jax.models import formulations
 from instaflow_jax.stages import common
 
 _NOISE_STREAM = 0x6576616c  # 'eval': the held-out noise, apart from other uses of the seed
@@ -245,7 +246,7 @@ class InceptionJudge:
 def inception_features(path: str):
   """images -> pytorch-fid's Inception pool features, jitted."""
   module, variables = inception_weights.load_fid_inception(path)
-  return jax.jit(lambda images: module.apply(variables, images))
+  return formulations.jit(lambda images: module.apply(variables, images))
 
 
 def make_judge(config, stage_dir: str, held_out: HeldOut):

@@ -37,6 +37,7 @@ from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
+from instaflow_jax.models import formulations
 from instaflow_jax.stages import common
 
 _NOISE_STREAM = 0x70616972  # 'pair': keeps pair noise apart from other uses of the seed
@@ -96,8 +97,9 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
   model. A missing teacher or an unsupported scheduler config stops here, before compute."""
   pairs_config = config.pairs
   if is_teacher_folder(pairs_config.teacher):
-    pipe = pipeline_lib.Pipeline.from_diffusers(pairs_config.teacher,
-                                                kind=pairs_config.get('teacher_kind') or None)
+    pipe = pipeline_lib.Pipeline.from_diffusers(  # frozen: all of it in the compute dtype
+        pairs_config.teacher, kind=pairs_config.get('teacher_kind') or None,
+        dtype=jnp.dtype(config.model.compute_dtype))
     if pipe.kind == 'diffusion':  # a config without pairs.sampler: the kind's default
       solver = pipe.solver(pairs_config.get('sampler'), pairs_config.num_steps)
     else:
@@ -120,7 +122,7 @@ def teacher_solver(modules: sampling.PipelineModules, solver: sampling.AnySolver
     return solution.x1, solution.nfe
 
   batch = layout.batch_sharding
-  return jax.jit(solve, in_shardings=(layout.replicated, batch, batch, batch, layout.replicated),
+  return formulations.jit(solve, in_shardings=(layout.replicated, batch, batch, batch, layout.replicated),
                  out_shardings=(batch, layout.replicated))
 
 

@@ -79,8 +79,8 @@ def run_train_flow(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping
   `pairs` of its section), with the config section named as its directory."""
   stage = os.path.basename(os.path.normpath(stage_dir))
   train_config = config[stage]
-  pipe = pipeline_lib.Pipeline.from_config(config.model, seed=config.seed,
-                                           workdir=os.path.dirname(stage_dir))
+  pipe = pipeline_lib.Pipeline.for_training(config.model, seed=config.seed,
+                                            workdir=os.path.dirname(stage_dir))
   init_params = common.initial_unet_params(pipe, os.path.dirname(stage_dir), train_config.init,
                                            f'{stage}.init')
   data = common.training_input(config, stage_dir, pipe, train_config)

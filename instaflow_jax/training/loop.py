@@ -29,6 +29,7 @@ from instaflow_jax import checkpoint
 from instaflow_jax import images as image_io
 from instaflow_jax import parallel
 from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.models import formulations
 from instaflow_jax.training import state as state_lib
 from instaflow_jax.training.state import TrainState
 from instaflow_jax.training.state import make_optimizer
@@ -86,8 +87,8 @@ def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1
     return state.apply_gradients(grads, ema_decay), metrics
 
   if layout is None:
-    return jax.jit(train_step, donate_argnums=0)
-  return jax.jit(train_step, donate_argnums=0,
+    return formulations.jit(train_step, donate_argnums=0)
+  return formulations.jit(train_step, donate_argnums=0,
                  in_shardings=(state_shardings, layout.replicated, layout.batch_sharding,
                                layout.replicated),
                  out_shardings=(state_shardings, layout.replicated))

@@ -75,9 +75,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with warmup + schedule and global-norm clipping. (Gradient accumulation is
-  done by the train step over micro-batches, so that one step is always one update.)"""
+  """AdamW with warmup + schedule and global-norm clipping; its first moment in
+  `mu_dtype` where the config names one. (Gradient accumulation is done by the train step
+  over micro-batches, so that one step is always one update.)"""
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip),
       optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2,
-                  eps=config.eps, weight_decay=config.weight_decay))
+                  eps=config.eps, weight_decay=config.weight_decay,
+                  mu_dtype=config.get('mu_dtype') or None))
