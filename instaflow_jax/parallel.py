@@ -190,10 +190,13 @@ _ACTIVE = []
 
 @contextlib.contextmanager
 def use(layout: Layout) -> Iterator[Layout]:
-  """Makes `layout` the one that `current_layout` returns inside the block."""
+  """Makes `layout` the one that `current_layout` returns inside the block, and its mesh
+  JAX's mesh in context (jax.set_mesh: what is traced inside, e.g. the TPU's attention
+  kernel, can split itself over the mesh's batch axes)."""
   _ACTIVE.append(layout)
   try:
-    yield layout
+    with jax.set_mesh(layout.mesh):
+      yield layout
   finally:
     _ACTIVE.pop()
 

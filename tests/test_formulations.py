@@ -111,6 +111,9 @@ def test_jit_compiles_with_the_options_and_lowers(monkeypatch):
   np.testing.assert_array_equal(double(jnp.ones(3), 2), 2 * np.ones(3))
   assert double.lower(jnp.ones(3), 3).compile()(jnp.ones(3)).tolist() == [3.0] * 3
   assert seen == [dict(compiler_options=formulations.compiler_options(), static_argnums=1)]
+  # Inside another jit's trace (which compiles with its own options): a plain jit.
+  assert jax.jit(lambda x: double(x, 4))(jnp.ones(3)).tolist() == [4.0] * 3
+  assert seen[-1] == dict(compiler_options=None, static_argnums=1)
 
 
 def test_an_unknown_backend_is_refused():

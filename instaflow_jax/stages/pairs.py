@@ -127,8 +127,14 @@ def teacher_solver(modules: sampling.PipelineModules, solver: sampling.AnySolver
 
 
 def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
+  # Each process makes its own shards on its own devices.
+  with parallel.use(parallel.data_parallel(jax.local_devices())) as layout:
+    return _write_pairs(config, stage_dir, layout)
+
+
+def _write_pairs(config: ml_collections.ConfigDict, stage_dir: str,
+                 layout: parallel.Layout) -> Mapping[str, Any]:
   pairs_config = config.pairs
-  layout = parallel.data_parallel(jax.local_devices())
   layout.check_batch_size(pairs_config.batch_size, 'pairs.batch_size (per process)')
   workdir = os.path.dirname(stage_dir)
   teacher = load_teacher(config, workdir)

@@ -110,18 +110,21 @@ def compiler_options() -> Dict[str, str]:
 def jit(fn: Callable = None, **jit_kwargs):
   """jax.jit, compiling with this backend's compiler_options: for every jitted program that
   runs the models. The options are looked up at the first call, not at import (which must
-  not start a backend). Usable as a decorator, with or without jax.jit's keywords."""
+  not start a backend); called inside another jit's trace, whose program takes its caller's
+  options, it is a plain jax.jit. Usable as a decorator, with or without jax.jit's
+  keywords."""
   if fn is None:
     return functools.partial(jit, **jit_kwargs)
   jitted_with = functools.cache(
-      lambda options: jax.jit(fn, compiler_options=dict(options), **jit_kwargs))
+      lambda options: jax.jit(fn, compiler_options=dict(options) or None, **jit_kwargs))
 
   def jitted():
     return jitted_with(tuple(sorted(compiler_options().items())))
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
-    return jitted()(*args, **kwargs)
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+    return (jitted_with(()) if traced else jitted())(*args, **kwargs)
 
   call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
   return call
