@@ -1,31 +1,36 @@
 """Ours (Flax) against the PyTorch reference (diffusers / transformers), same weights, same
 inputs, same machine, with random weights (nothing is downloaded).
 
-  .venv/bin/python benchmarks/bench.py --config small          # this CPU, float32, ~5 min
+  .venv/bin/python benchmarks/bench.py --config small          # this CPU, float32
   python3 benchmarks/bench.py --config sd15 --out bench.json   # SD 1.5 shapes, bf16, a GPU
+  python3 benchmarks/bench.py --config sd15 --rows train_b8    # one row of the table
+  .venv/bin/python benchmarks/bench.py --gflops                # each config's U-Net FLOPs
 
 The reference models are built from their configs with a fixed seed and their state dicts
 are converted into ours with torch_state_to_flax, so both sides compute the same function;
 one float32 forward pass checks that. Then, in the config's compute dtype: one-step
 generation (text encoder on the padded tokens, one U-Net evaluation at time 1000, VAE
 decode), the U-Net alone, the pairs stage's teacher solve (text encoder, 25 Euler steps
-with classifier-free guidance), and the trainer's training step (training/loop.py's
-make_train_step over the rf stage's flow-matching loss, configs/sd15_rf.py's optimizer and
-EMA; on the reference side the same step written in PyTorch).
+with classifier-free guidance), the trainer's training step (training/loop.py's
+make_train_step over the reflow stage's flow-matching loss, configs/sd15_reflow.py's
+optimizer, EMA and remat policy; on the reference side the same step written in PyTorch),
+and for sd15 the stacked 1.7B student's forward pass and attention alone (cuDNN and XLA
+against PyTorch's SDPA). Every row records its peak device memory on both sides.
 
 Each framework runs in a child process of its own: neither holds GPU memory the other needs,
 peak-memory counters start clean, and a hard time limit can end one without losing the
-other's numbers (a child rewrites its results file after every measurement). Both children
-run with glibc's huge-page tunable, as our command lines do (instaflow_jax/huge_pages.py).
-Ours goes first; the reference gets what is left of the budget, eager mode first, then
-torch.compile while time remains. Times are medians over --repeats calls after warm-up;
-compile time is reported on its own. --rounds N runs the pair N times, alternating which
-side goes first, and pools each measurement's timed calls over the rounds (the ratio of
-each round is printed too): on a shared VM whose speed drifts within minutes, one pair of
-children can favour either side.
+other's numbers (a child rewrites its results file after every measurement). The children
+run as a user's program would: in this process's environment, only with the repository on
+PYTHONPATH and output unbuffered. Ours goes first; the reference gets what is left of the
+budget, eager mode first, then torch.compile while time remains. Times are medians over
+--repeats calls after warm-up; compile time is reported on its own. --rows picks rows of the
+table, so that a GPU run can be split into calls that each fit a time limit. --rounds N runs
+the pair N times, alternating which side goes first, and pools each measurement's timed
+calls over the rounds (the ratio of each round is printed too): on a shared VM whose speed
+drifts within minutes, one pair of children can favour either side.
 
-The parts: bench_configs.py (the presets, the trainer's settings, the shared inputs),
-bench_measure.py (timing, memory, each child's results file), bench_ours.py and
+The parts: bench_configs.py (the presets and their rows, the trainer's settings, the shared
+inputs), bench_measure.py (timing, memory, each child's results file), bench_ours.py and
 bench_torch.py (the two runners), bench_report.py (merging, pooling, the table).
 """
 import argparse
@@ -40,16 +45,24 @@ import time
 import traceback
 from typing import Any, Dict, List, Tuple
 
+import bench_configs
 import bench_report
+import bench_torch
 from bench_configs import CONFIGS
 from bench_configs import BenchConfig
 from bench_measure import OURS
 from bench_measure import Recorder
 from bench_ours import run_ours
-from bench_torch import run_torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = {OURS: run_ours, 'torch': run_torch}
+SECTIONS = {OURS: run_ours, 'torch': bench_torch.run_torch}
+
+
+def child_environment(environ) -> dict:
+  """A child's environment: the user's, with the repository importable and output unbuffered
+  (nothing that a user's program would not have)."""
+  return dict(environ, PYTHONUNBUFFERED='1', PYTHONPATH=os.pathsep.join(
+      filter(None, [REPO_ROOT, environ.get('PYTHONPATH')])))
 
 
 def run_child(args, section: str, deadline: float, path: str) -> dict:
@@ -57,13 +70,9 @@ def run_child(args, section: str, deadline: float, path: str) -> dict:
   command = [sys.executable, os.path.abspath(__file__), '--config', args.config,
              '--repeats', str(args.repeats), '--section', section, '--deadline', str(deadline),
              '--partial', path, '--scratch', args.scratch, '--torch-compile', args.torch_compile,
-             '--compile-workers', str(args.compile_workers)]
-  from instaflow_jax import huge_pages
-  # Both frameworks get the environment our command lines give themselves.
-  env = huge_pages.with_huge_pages(dict(os.environ, PYTHONUNBUFFERED='1'))
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
+             '--compile-workers', str(args.compile_workers), '--rows', args.rows]
   start = time.time()
-  child = subprocess.Popen(command, env=env, start_new_session=True)
+  child = subprocess.Popen(command, env=child_environment(os.environ), start_new_session=True)
   try:
     status = 'ok' if child.wait(timeout=max(1.0, deadline - start + 10)) == 0 else 'failed'
   except subprocess.TimeoutExpired:
@@ -105,6 +114,11 @@ def parse_args(argv=None):
                       help='how many of our executables compile at a time')
   parser.add_argument('--sections', default=','.join(SECTIONS),
                       help='comma-separated subset of: ' + ', '.join(SECTIONS))
+  parser.add_argument('--rows', default='',
+                      help='comma-separated rows to measure (default: all of the config\'s; '
+                           'an unknown name lists them)')
+  parser.add_argument('--gflops', action='store_true',
+                      help="print each config's U-Net GFLOPs per image and exit")
   # Set by the parent for its children.
   parser.add_argument('--section', choices=sorted(SECTIONS), help=argparse.SUPPRESS)
   parser.add_argument('--deadline', type=float, help=argparse.SUPPRESS)
@@ -131,16 +145,37 @@ def run_round(args, cfg: BenchConfig, sections: List[str], budget: float) -> Tup
   return bench_report.merge(parts), statuses
 
 
+def print_gflops() -> None:
+  for name, cfg in CONFIGS.items():
+    print(f'{name:<8} U-Net forward {bench_torch.unet_gflops(cfg):8.2f} GFLOPs per image '
+          f'({cfg.latent_size}x{cfg.latent_size} latents)')
+
+
+def unet_gflops(cfg: BenchConfig):
+  try:
+    return bench_torch.unet_gflops(cfg)
+  except ImportError:  # no diffusers: ours runs alone
+    return None
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.section:
     return run_section(args)
+  if args.gflops:
+    return print_gflops()
   cfg = CONFIGS[args.config]
+  try:
+    rows = bench_configs.select_rows(cfg, args.rows)
+  except ValueError as e:
+    sys.exit(f'bench.py: {e}')
   start = time.time()
   budget = args.budget_s or cfg.budget_s
   sections = [s for s in args.sections.split(',') if s]
-  results: Dict[str, Any] = {'config': args.config, 'repeats': args.repeats, 'budget_s': budget,
-                             'rounds': args.rounds, 'model_configs': dataclasses.asdict(cfg),
+  results: Dict[str, Any] = {'config': args.config, 'rows': rows, 'repeats': args.repeats,
+                             'budget_s': budget, 'rounds': args.rounds,
+                             'model_configs': dataclasses.asdict(cfg),
+                             'unet_gflops_per_image': unet_gflops(cfg),
                              'sections': {}}
   rounds = []
   with tempfile.TemporaryDirectory(prefix='gpu_bench_') as scratch:

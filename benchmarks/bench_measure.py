@@ -37,6 +37,13 @@ def max_rel_diff(ours: np.ndarray, ref: np.ndarray) -> float:
   return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+def peak_bytes(result: dict) -> Optional[int]:
+  """A row's peak memory as its side measured it: on a CPU the training step's rise of the
+  resident set (cpu_peak_bytes); on an accelerator, torch's max_memory_allocated or our
+  executable's memory analysis (peak_bytes). None where not measured."""
+  return result.get('cpu_peak_bytes', result.get('peak_bytes'))
+
+
 def _rss_kib(field: str) -> int:
   with open('/proc/self/status') as f:
     return int(next(line for line in f if line.startswith(field)).split()[1])

@@ -3,6 +3,7 @@ compiled ahead of time, then timed. The training step is the trainer's own
 (training/loop.py's make_train_step over stages/train_flow.py's flow-matching loss)."""
 import concurrent.futures
 import contextlib
+import functools
 import os
 import time
 import traceback
@@ -22,14 +23,13 @@ from bench_measure import time_calls
 from bench_torch import build_reference
 
 TRAIN_STEP = ('training/loop.py make_train_step over stages/train_flow.py flow_matching_loss: '
-              'uniform times, jax.random noise, caption dropout, forward, l2 loss, backward, '
-              'the loss and gradient-norm metrics, global-norm clipping, AdamW with warm-up '
-              '(training/state.py make_optimizer), EMA; jit, the train state donated')
+              'uniform times, the batch\'s coupled noise, caption dropout, forward (remat as '
+              'configured), l2 loss, backward, the loss and gradient-norm metrics, global-norm '
+              'clipping, AdamW with warm-up (training/state.py make_optimizer), EMA; jit, the '
+              'train state donated')
 
 
 def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
-  from instaflow_jax import cli
-  cli.add_cpu_xla_flags()  # as the command lines do, before the backend starts here
   import jax
   devices = jax.devices()  # initialise the accelerator before torch is imported
   import flax
@@ -39,35 +39,42 @@ def run_ours(cfg: BenchConfig, args, rec: Recorder) -> None:
       jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
       backend=jax.default_backend(), device=devices[0].device_kind, devices=len(devices)))
   import jax.numpy as jnp
+  rows = bench_configs.select_rows(cfg, args.rows)
   compute = jnp.dtype(cfg.dtype)
   f32 = _modules(cfg, jnp.float32, jnp.float32)
   reference, params = _reference_params(cfg, f32, rec)
   params = jax.device_put(params)
-  tasks = _inference_tasks(cfg, f32, _modules(cfg, compute, compute), params, reference)
-  train = bench_configs.trainer_config()
-  rec.put('train_settings', OURS, bench_configs.trainer_settings(train))
+  tasks = _inference_tasks(cfg, rows, f32, _modules(cfg, compute, compute), params, reference)
+  tasks.update(_attention_tasks(cfg, rows))
   train_name = f'train_b{cfg.train_batch}'
-  tasks[train_name], make_train_state = _train_task(
-      cfg, train, _modules(cfg, compute, jnp.float32), params['unet'])
+  if train_name in rows:
+    train = bench_configs.trainer_config()
+    rec.put('train_settings', OURS, bench_configs.trainer_settings(train, cfg))
+    tasks[train_name], make_train_state = _train_task(
+        cfg, train, _modules(cfg, compute, jnp.float32), params['unet'])
   rec.log(f'compiling {len(tasks)} executables, {args.compile_workers} at a time')
   compiled = _compile_all(tasks, args.compile_workers, cfg.run_reserve_s, rec)
   rec.log('compiled')
   runner = _Runner(tasks, compiled, devices[0], args.repeats, args.scratch)
 
-  if reference:
+  if 'check' in tasks:
     scaling_factor = f32['vae'].config.scaling_factor
     rec.measure('check', OURS, lambda: _check(runner.executable('check')[0],
                                               tasks['check'][1], reference, scaling_factor))
-  for b in cfg.e2e_batches:
-    rec.measure(f'e2e_b{b}', OURS, lambda: runner.timed(f'e2e_b{b}', b, save=b == 1), need_s=5)
-  for b in cfg.unet_batches:
-    rec.measure(f'unet_b{b}', OURS, lambda: runner.timed(f'unet_b{b}', b, save=b == 1),
-                need_s=5)
-  b = cfg.pairs_batch
-  rec.measure(f'pairs_b{b}', OURS, lambda: runner.timed(f'pairs_b{b}', b, save=True), need_s=10)
   # Last: the train state takes over (and donates) the buffers of params['unet'].
-  rec.measure(train_name, OURS, lambda: runner.train(train_name, make_train_state,
-                                                     cfg.train_batch), need_s=5)
+  for name in sorted(set(rows) & set(tasks) - {'check'}, key=lambda n: (n == train_name,
+                                                                         rows.index(n))):
+    items = _items(cfg, name)
+    if name == train_name:
+      run = lambda: runner.train(name, make_train_state, items)
+    else:
+      run = lambda: runner.timed(name, items, save=name in bench_configs.compared_rows(cfg))
+    rec.measure(name, OURS, run, need_s=10 if name.startswith('pairs') else 5)
+
+
+def _items(cfg: BenchConfig, name: str) -> int:
+  """The images (or attention batch entries) a row's call makes."""
+  return cfg.attention_batch if name.startswith('attn') else int(name.rsplit('_b', 1)[1])
 
 
 def _modules(cfg: BenchConfig, dtype, param_dtype) -> dict:
@@ -84,9 +91,11 @@ def _pipeline_modules(modules: dict):
   return sampling.PipelineModules(modules['unet'], modules['vae'], modules['text_encoder'])
 
 
-def _inference_tasks(cfg: BenchConfig, f32: dict, low: dict, params: dict, reference) -> dict:
-  """name -> (jitted function, arguments, matmul precision) of every inference measurement:
-  the float32 check (with the reference only), one-step generation, U-Net, teacher pairs."""
+def _inference_tasks(cfg: BenchConfig, rows, f32: dict, low: dict, params: dict,
+                     reference) -> dict:
+  """name -> (jitted function, arguments, matmul precision) of each inference row in `rows`:
+  the float32 check (with the reference only), one-step generation, U-Net, teacher pairs,
+  the stacked student."""
   import jax
   import jax.numpy as jnp
   from instaflow_jax import sampling
@@ -114,11 +123,15 @@ def _inference_tasks(cfg: BenchConfig, f32: dict, low: dict, params: dict, refer
                                    jnp.float32(cfg.guidance),
                                    samplers.Solver('euler', cfg.pairs_steps)).x1
 
-  def unet_forward(p, x, t, states):
-    return low['unet'].apply({'params': p}, x, t, states)
+  def forward(model):
+    return lambda p, x, t, states: model.apply({'params': p}, x, t, states)
+
+  def unet_inputs(b):
+    return (low_in(bench_configs.latents(cfg, b)), jnp.full((b,), TIMESTEP),
+            low_in(bench_configs.text_states(cfg, b)))
 
   tasks = {}
-  if reference:
+  if reference and 'check' in rows:
     check_inputs = (params, bench_configs.token_ids(cfg, 1),
                     bench_configs.latents(cfg, 1, cfg.check_latent_size))
     tasks['check'] = (jax.jit(check_fn), check_inputs, 'highest')
@@ -127,26 +140,65 @@ def _inference_tasks(cfg: BenchConfig, f32: dict, low: dict, params: dict, refer
                              low_in(bench_configs.latents(cfg, b))))
     tasks[f'e2e_b{b}'] = (jax.jit(generate), (params_low,) + inputs, None)
   for b in cfg.unet_batches:
-    inputs = (low_in(bench_configs.latents(cfg, b)), jnp.full((b,), TIMESTEP),
-              low_in(bench_configs.text_states(cfg, b)))
-    tasks[f'unet_b{b}'] = (jax.jit(unet_forward), (params_low['unet'],) + inputs, None)
+    tasks[f'unet_b{b}'] = (jax.jit(forward(low['unet'])), (params_low['unet'],) + unet_inputs(b),
+                           None)
   b = cfg.pairs_batch
   inputs = jax.device_put((bench_configs.token_ids(cfg, b),
                            bench_configs.token_ids(cfg, b, bench_configs.UNCOND_SEED),
                            low_in(bench_configs.latents(cfg, b))))
   tasks[f'pairs_b{b}'] = (jax.jit(teacher_pairs), (params_low,) + inputs, None)
-  return tasks
+  stacked_rows = [f'stacked_b{b}' for b in cfg.stacked_batches if f'stacked_b{b}' in rows]
+  if stacked_rows:
+    stacked, stacked_params = _stacked_student(low['unet'], params_low['unet'])
+    for name in stacked_rows:
+      b = _items(cfg, name)
+      tasks[name] = (jax.jit(forward(stacked)), (stacked_params,) + unet_inputs(b), None)
+  return {name: task for name, task in tasks.items() if name in rows}
+
+
+def _stacked_student(unet, unet_params):
+  """configs/instaflow_1_7b.py's student, two of `unet` in series, both halves copied from
+  unet_params as the distill stage initialises them: (module, params)."""
+  from instaflow_jax.models import stacked_unet
+  config = stacked_unet.StackedUNetConfig(unet.config, **bench_configs.stacked_settings())
+  model = stacked_unet.StackedUNet(config, dtype=unet.dtype, param_dtype=unet.param_dtype)
+  return model, stacked_unet.init_from_unet(unet_params, config)
+
+
+def _attention_tasks(cfg: BenchConfig, rows) -> dict:
+  """jax.nn.dot_product_attention alone, each implementation, forward and forward+backward
+  (the three input gradients for a given output gradient), on cfg.attention_shape."""
+  import jax
+  import jax.numpy as jnp
+  if not cfg.attention_batch:
+    return {}
+  q, k, v, grad = (jnp.asarray(bench_configs.normal(seed, cfg.attention_shape), cfg.dtype)
+                   for seed in bench_configs.ATTENTION_SEEDS)
+  tasks = {}
+  for impl in bench_configs.ATTENTION:
+    attend = functools.partial(jax.nn.dot_product_attention, implementation=impl)
+
+    def forward_backward(q, k, v, grad, attend=attend):
+      return jax.vjp(attend, q, k, v)[1](grad)
+
+    tasks[f'attn_{impl}_fwd'] = (jax.jit(attend), (q, k, v), None)
+    tasks[f'attn_{impl}_fwdbwd'] = (jax.jit(forward_backward), (q, k, v, grad), None)
+  return {name: task for name, task in tasks.items() if name in rows}
 
 
 def _train_task(cfg: BenchConfig, train, train_modules: dict, unet_params):
-  """The trainer's step as the rf stage builds it for the training section `train`, on
-  cached inputs (so the frozen VAE and text encoder are not part of it): ((jitted step,
-  abstract arguments, None), a function making the real train state from unet_params)."""
+  """The trainer's step as the reflow stage builds it for the training section `train`, on
+  the teacher's pairs with cached text states (so the frozen text encoder is not part of
+  it), the U-Net rematerialised as the config says: ((jitted step, abstract arguments, None),
+  a function making the real train state from unet_params)."""
   import jax
   from instaflow_jax.stages import train_flow
   from instaflow_jax.training import loop
   from instaflow_jax.training import state as state_lib
   tx = state_lib.make_optimizer(train.optimizer, train.steps)
+  policy = bench_configs.remat_policy(cfg)
+  if policy != 'none':  # the U-Net's default
+    train_modules = dict(train_modules, unet=train_modules['unet'].clone(remat_policy=policy))
   loss_fn = train_flow.flow_matching_loss(_pipeline_modules(train_modules), train)
   step = loop.make_train_step(loss_fn, train.ema_decay, train.grad_accum_steps)
   frozen = {'null_embeds': bench_configs.null_text_states(cfg)}
@@ -217,9 +269,11 @@ def _compile_all(tasks: dict, workers: int, reserve_s: float, rec: Recorder) -> 
   start = time.perf_counter()
   pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
   # The check first (correctness matters most), then the slowest first (the training step,
-  # then the big batches), to shorten the total.
-  by_cost = sorted(tasks, key=lambda n: (n != 'check', not n.startswith('train'),
-                                         -int(n.rsplit('_b', 1)[-1]) if '_b' in n else 0))
+  # the stacked student, the one-step pipeline, the U-Net, the rest), to shorten the total.
+  slowest = ('check', 'train', 'stacked', 'e2e', 'unet')
+  kind = lambda name: name.split('_')[0]
+  by_cost = sorted(tasks, key=lambda n: slowest.index(kind(n)) if kind(n) in slowest
+                   else len(slowest))
   futures = {name: pool.submit(lower_and_compile, *tasks[name]) for name in by_cost}
   concurrent.futures.wait(futures.values(), timeout=max(0.0, rec.left() - reserve_s))
   pool.shutdown(wait=False, cancel_futures=True)
@@ -239,12 +293,17 @@ def _compile_all(tasks: dict, workers: int, reserve_s: float, rec: Recorder) -> 
 
 
 def _jax_memory(exe, device) -> dict:
-  """The executable's own footprint (compiler's estimate) and the process peak so far."""
+  """The executable's own footprint (the compiler's: arguments + outputs - donated +
+  temporaries) and the process peak so far. On an accelerator the former is the row's peak
+  (peak_bytes); on a CPU, whose allocator it does not describe, only the training step's
+  peak is measured (cpu_peak_bytes)."""
   out = {}
   try:
     m = exe.memory_analysis()
     out['exe_bytes'] = int(m.argument_size_in_bytes + m.output_size_in_bytes
                            - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    if device.platform != 'cpu':
+      out['peak_bytes'] = out['exe_bytes']
   except Exception:  # not every backend reports it
     pass
   try:

@@ -1,6 +1,7 @@
 """bench.py's report: the children's results merged, pooled over rounds, and printed as a
 table of ours against the reference. Ratio = reference time / our time (for throughputs:
-ours / the reference's), so above 1 ours is faster."""
+ours / the reference's), so above 1 ours is faster. Peak memory: each side's measure of the
+row's device memory (bench_measure.peak_bytes)."""
 import copy
 import os
 import statistics
@@ -8,11 +9,13 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+import bench_configs
 from bench_configs import BenchConfig
 from bench_measure import COMPILED
 from bench_measure import EAGER
 from bench_measure import OURS
 from bench_measure import max_rel_diff
+from bench_measure import peak_bytes
 
 
 def merge(parts: Dict[str, dict]) -> dict:
@@ -40,9 +43,10 @@ def pooled(rounds: List[dict]) -> dict:
         result.update(times_s=times, median_s=statistics.median(times))
         if 'items' in result:
           result['items_per_s'] = result['items'] / result['median_s']
-      peaks = [r['cpu_peak_bytes'] for r in per_round if r.get('cpu_peak_bytes') is not None]
-      if peaks:
-        result['cpu_peak_bytes'] = max(peaks)
+      for key in ('cpu_peak_bytes', 'peak_bytes'):
+        peaks = [r[key] for r in per_round if r.get(key) is not None]
+        if peaks:
+          result[key] = max(peaks)
   for later in rounds[1:]:
     for section, error in (later.get('errors') or {}).items():
       results.setdefault('errors', {}).setdefault(section, error)
@@ -52,7 +56,7 @@ def pooled(rounds: List[dict]) -> dict:
 def agreement(cfg: BenchConfig, scratch: str) -> dict:
   """Max relative difference of ours vs eager torch on the saved outputs (batch 1, pairs)."""
   diffs = {}
-  for name in ('e2e_b1', 'unet_b1', f'pairs_b{cfg.pairs_batch}'):
+  for name in bench_configs.compared_rows(cfg):
     files = [os.path.join(scratch, f'{impl}_{name}.npy') for impl in (OURS, EAGER)]
     if all(os.path.exists(f) for f in files):
       diffs[name] = max_rel_diff(*(np.load(f) for f in files))
@@ -73,56 +77,58 @@ def _ratio(ours: Optional[dict], ref: Optional[dict]) -> str:
   return f"{ref['median_s'] / ours['median_s']:.2f}x"
 
 
-def _rows(cfg: BenchConfig) -> list:
-  """(label, measurement name, value of a result, format) of each line of the table."""
-  ms = lambda r: 1e3 * r['median_s']
-  per_s = lambda r: r['items_per_s']
-  rows = []
-  for b in cfg.e2e_batches:
-    unit, value, fmt = ('ms', ms, '{:.1f}') if b == 1 else ('img/s', per_s, '{:.2f}')
-    rows.append((f'e2e {cfg.image_size}px b{b} ({unit})', f'e2e_b{b}', value, fmt))
-  for b in cfg.unet_batches:
-    rows.append((f'unet b{b} (ms)', f'unet_b{b}', ms, '{:.2f}'))
-  rows.append((f'pairs b{cfg.pairs_batch}, {cfg.pairs_steps} steps w={cfg.guidance:g} (pairs/s)',
-               f'pairs_b{cfg.pairs_batch}', per_s, '{:.2f}'))
-  rows.append((f'train b{cfg.train_batch} {cfg.latent_size}x{cfg.latent_size} (img/s)',
-               f'train_b{cfg.train_batch}', per_s, '{:.2f}'))
-  return rows
+def _row(cfg: BenchConfig, name: str) -> tuple:
+  """(label, value of a result, format) of a row of the table."""
+  ms = (lambda r: 1e3 * r['median_s']), '{:.2f}'
+  per_s = (lambda r: r['items_per_s']), '{:.2f}'
+  kind = name.split('_')[0]
+  if kind == 'attn':
+    _, impl, passes = name.split('_')
+    shape = 'x'.join(map(str, cfg.attention_shape))
+    return (f"attention {impl} {'fwd+bwd' if passes == 'fwdbwd' else 'fwd'} {shape} (ms)",) + ms
+  b = int(name.rsplit('_b', 1)[1])
+  if kind == 'e2e':
+    return ((f'e2e {cfg.image_size}px b{b} (ms)',) + ms if b == 1
+            else (f'e2e {cfg.image_size}px b{b} (img/s)',) + per_s)
+  if kind == 'pairs':
+    return (f'pairs b{b}, {cfg.pairs_steps} steps w={cfg.guidance:g} (pairs/s)',) + per_s
+  if kind == 'train':
+    return (f'train b{b} {cfg.latent_size}x{cfg.latent_size} (img/s)',) + per_s
+  return (f'{kind} b{b} (ms)',) + ms
+
+
+def _peak(result: Optional[dict]) -> str:
+  n = peak_bytes(result or {})
+  return 'n/a' if n is None else _size(n)
 
 
 def table(cfg: BenchConfig, results: dict) -> str:
-  """Ours vs the reference, then memory, compile times, agreement and what the step holds."""
-  rows = _rows(cfg)
-  header = (f"{'measurement':<30} {'ours':>10} {'torch eager':>12} {'ratio':>7} "
-            f"{'torch.compile':>14} {'ratio':>7}")
+  """Ours vs the reference with each side's peak memory, then compile times, agreement and
+  what the step holds."""
+  rows = results.get('rows') or bench_configs.row_names(cfg)
+  names = [name for name in rows if name != 'check']
+  header = (f"{'measurement':<38} {'ours':>9} {'torch eager':>12} {'ratio':>7} "
+            f"{'torch.compile':>14} {'ratio':>7} {'peak ours / eager':>20}")
   lines = [header, '-' * len(header)]
   measurements = results.get('measurements', {})
-  for label, name, value, fmt in rows:
+  for name in names:
+    label, value, fmt = _row(cfg, name)
     m = measurements.get(name, {})
-    lines.append(f'{label:<30} {_cell(m.get(OURS), value, fmt):>10} '
+    peaks = f'{_peak(m.get(OURS))} / {_peak(m.get(EAGER))}'
+    lines.append(f'{label:<38} {_cell(m.get(OURS), value, fmt):>9} '
                  f'{_cell(m.get(EAGER), value, fmt):>12} {_ratio(m.get(OURS), m.get(EAGER)):>7} '
                  f'{_cell(m.get(COMPILED), value, fmt):>14} '
-                 f'{_ratio(m.get(OURS), m.get(COMPILED)):>7}')
-  train = measurements.get(f'train_b{cfg.train_batch}', {})
-  lines.append(_train_memory(train.get(OURS) or {}, train.get(EAGER) or {}))
-  lines.append(_compile_times(measurements, [name for _, name, _, _ in rows], results))
-  check = measurements.get('check', {}).get(OURS)
-  lines.append(f'fp32 max rel diff vs reference ({cfg.check_latent_size}x'
-               f'{cfg.check_latent_size} latents): {_format_diffs(check)}')
+                 f'{_ratio(m.get(OURS), m.get(COMPILED)):>7} {peaks:>20}')
+  lines.append(_compile_times(measurements, names, results))
+  if 'check' in rows:
+    check = measurements.get('check', {}).get(OURS)
+    lines.append(f'fp32 max rel diff vs reference ({cfg.check_latent_size}x'
+                 f'{cfg.check_latent_size} latents): {_format_diffs(check)}')
   lines.append(f"{cfg.dtype} max rel diff vs eager reference: "
                f"{_format_diffs(results.get('agreement'))}")
+  train = measurements.get(f'train_b{cfg.train_batch}', {})
   lines.extend(_train_notes(train, results.get('train_settings') or {}))
   return '\n'.join(lines)
-
-
-def _train_memory(ours: dict, eager: dict) -> str:
-  mem = lambda r, key: _size(r[key]) if r.get(key) is not None else 'n/a'
-  if 'cpu_peak_bytes' in ours or 'cpu_peak_bytes' in eager:
-    return (f"train step peak memory above the resident set: ours "
-            f"{mem(ours, 'cpu_peak_bytes')}, torch {mem(eager, 'cpu_peak_bytes')}; "
-            f"ours {mem(ours, 'exe_bytes')} by the compiler (arguments + outputs + temps)")
-  return (f"train peak memory: ours {mem(ours, 'exe_bytes')} (executable), "
-          f"{mem(ours, 'process_peak_bytes')} (process peak); torch {mem(eager, 'peak_bytes')}")
 
 
 def _compile_times(measurements: dict, names: List[str], results: dict) -> str:
@@ -145,7 +151,7 @@ def _train_notes(train: dict, settings_by_side: dict) -> List[str]:
            for impl in (OURS, EAGER) if (train.get(impl) or {}).get('includes')]
   settings = next(iter(settings_by_side.values()), None)
   if settings:
-    lines.append('train step settings (configs/sd15_rf.py rf): '
+    lines.append('train step settings (configs/sd15_reflow.py reflow): '
                  + ', '.join(f'{k}={v}' for k, v in settings.items()))
   return lines
 
@@ -174,9 +180,12 @@ def ratios_by_round(rounds: List[dict]) -> str:
 
 def print_report(cfg: BenchConfig, results: dict, rounds: List[dict]) -> None:
   pooled_note = f' pooled over {len(rounds)} rounds' if len(rounds) > 1 else ''
+  gflops = results.get('unet_gflops_per_image')
   print(f"\n== {results['config']}: ours (Flax) vs reference (diffusers/transformers), "
         f"{cfg.dtype}, median of {results['repeats']}{pooled_note}; "
         f"wall {results['wall_s']:.0f} s")
+  if gflops is not None:
+    print(f'   U-Net forward: {gflops:.2f} GFLOPs per image')
   for section, env in (results.get('environment') or {}).items():
     print(f'   {section}: {env}')
   for section, error in (results.get('errors') or {}).items():
