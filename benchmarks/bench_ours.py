@@ -100,6 +100,7 @@ def _inference_tasks(cfg: BenchConfig, rows, f32: dict, low: dict, params: dict,
   import jax.numpy as jnp
   from instaflow_jax import sampling
   from instaflow_jax.flow import samplers
+  from instaflow_jax.models import formulations
   compute = jnp.dtype(cfg.dtype)
   the_modules = _pipeline_modules(low)
   params_low = jax.tree.map(lambda p: p.astype(compute), params)
@@ -134,25 +135,25 @@ def _inference_tasks(cfg: BenchConfig, rows, f32: dict, low: dict, params: dict,
   if reference and 'check' in rows:
     check_inputs = (params, bench_configs.token_ids(cfg, 1),
                     bench_configs.latents(cfg, 1, cfg.check_latent_size))
-    tasks['check'] = (jax.jit(check_fn), check_inputs, 'highest')
+    tasks['check'] = (formulations.jit(check_fn), check_inputs, 'highest')
   for b in cfg.e2e_batches:
     inputs = jax.device_put((bench_configs.token_ids(cfg, b),
                              low_in(bench_configs.latents(cfg, b))))
-    tasks[f'e2e_b{b}'] = (jax.jit(generate), (params_low,) + inputs, None)
+    tasks[f'e2e_b{b}'] = (formulations.jit(generate), (params_low,) + inputs, None)
   for b in cfg.unet_batches:
-    tasks[f'unet_b{b}'] = (jax.jit(forward(low['unet'])), (params_low['unet'],) + unet_inputs(b),
+    tasks[f'unet_b{b}'] = (formulations.jit(forward(low['unet'])), (params_low['unet'],) + unet_inputs(b),
                            None)
   b = cfg.pairs_batch
   inputs = jax.device_put((bench_configs.token_ids(cfg, b),
                            bench_configs.token_ids(cfg, b, bench_configs.UNCOND_SEED),
                            low_in(bench_configs.latents(cfg, b))))
-  tasks[f'pairs_b{b}'] = (jax.jit(teacher_pairs), (params_low,) + inputs, None)
+  tasks[f'pairs_b{b}'] = (formulations.jit(teacher_pairs), (params_low,) + inputs, None)
   stacked_rows = [f'stacked_b{b}' for b in cfg.stacked_batches if f'stacked_b{b}' in rows]
   if stacked_rows:
     stacked, stacked_params = _stacked_student(low['unet'], params_low['unet'])
     for name in stacked_rows:
       b = _items(cfg, name)
-      tasks[name] = (jax.jit(forward(stacked)), (stacked_params,) + unet_inputs(b), None)
+      tasks[name] = (formulations.jit(forward(stacked)), (stacked_params,) + unet_inputs(b), None)
   return {name: task for name, task in tasks.items() if name in rows}
 
 
@@ -170,6 +171,7 @@ def _attention_tasks(cfg: BenchConfig, rows) -> dict:
   (the three input gradients for a given output gradient), on cfg.attention_shape."""
   import jax
   import jax.numpy as jnp
+  from instaflow_jax.models import formulations
   if not cfg.attention_batch:
     return {}
   q, k, v, grad = (jnp.asarray(bench_configs.normal(seed, cfg.attention_shape), cfg.dtype)
@@ -181,8 +183,8 @@ def _attention_tasks(cfg: BenchConfig, rows) -> dict:
     def forward_backward(q, k, v, grad, attend=attend):
       return jax.vjp(attend, q, k, v)[1](grad)
 
-    tasks[f'attn_{impl}_fwd'] = (jax.jit(attend), (q, k, v), None)
-    tasks[f'attn_{impl}_fwdbwd'] = (jax.jit(forward_backward), (q, k, v, grad), None)
+    tasks[f'attn_{impl}_fwd'] = (formulations.jit(attend), (q, k, v), None)
+    tasks[f'attn_{impl}_fwdbwd'] = (formulations.jit(forward_backward), (q, k, v, grad), None)
   return {name: task for name, task in tasks.items() if name in rows}
 
 
