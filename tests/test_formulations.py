@@ -1,9 +1,10 @@
 """Each backend's formulations (models/formulations): the GPU and TPU paths, traced on the
 CPU, contain none of the CPU formulations and compute what the CPU path computes; cuDNN's
 attention is chosen where it applies; the CPU's compiler option reaches the models' jits
-only on a CPU."""
+only on a CPU. And the accelerators' memory option of the optimizer (a bf16 first moment)."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from instaflow_jax.models.formulations import gpu
 from instaflow_jax.models.formulations import portable
 from instaflow_jax.models.unet import UNet2DConditionModel
 from instaflow_jax.models.unet import UNetConfig
+from instaflow_jax.training import state as state_lib
 from tests import jaxprs
 from tests import tiny_models
 
@@ -120,3 +122,14 @@ def test_an_unknown_backend_is_refused():
   with pytest.raises(ValueError, match="formulations for 'cuda'"):
     with formulations.use('cuda'):
       pass
+
+
+def test_adamw_keeps_its_first_moment_in_the_dtype_the_config_names():
+  config = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule='constant',
+                                          grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8,
+                                          weight_decay=0.0, mu_dtype='bfloat16'))
+  params = {'w': jnp.ones((4, 4))}
+  state = state_lib.make_optimizer(config, 10).init(params)
+  has_moments = lambda s: hasattr(s, 'mu')
+  adam = next(filter(has_moments, jax.tree.leaves(state, is_leaf=has_moments)))
+  assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu['w'].dtype == jnp.float32

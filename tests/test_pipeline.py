@@ -2,11 +2,14 @@
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
 
+from instaflow_jax import sampling
 from instaflow_jax.convert.torch_names import ConversionError
 from instaflow_jax.pipeline import Pipeline
 from tests import tiny_models
@@ -176,3 +179,20 @@ def test_bin_weights_are_read_when_no_safetensors(folder, tmp_path, pipe):
   os.remove(weights)
   again = Pipeline.from_diffusers(str(converted))
   np.testing.assert_array_equal(again.generate(PROMPTS[:1], seed=0), pipe.generate(PROMPTS[:1], seed=0))
+
+
+def test_frozen_networks_run_in_the_compute_dtype(pipe):
+  """What a training stage runs (frozen_in): VAE and text encoder computing and stored in
+  bf16, the U-Net as it was; their outputs near the float32 ones."""
+  frozen = pipe.frozen_in(jnp.bfloat16)
+  for module, params in ((frozen.vae, frozen.vae_params),
+                         (frozen.text_encoder, frozen.text_encoder_params)):
+    assert module.dtype == jnp.bfloat16
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  assert frozen.unet is pipe.unet and frozen.unet_params is pipe.unet_params
+  ids = pipe.tokenize(PROMPTS)
+  embeds = sampling.encode_text(frozen.modules, frozen.params, ids)
+  reference = sampling.encode_text(pipe.modules, pipe.params, ids)
+  assert embeds.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(embeds, np.float32), reference,
+                             atol=5e-2 * np.abs(reference).max())
