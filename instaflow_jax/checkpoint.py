@@ -23,10 +23,37 @@ from instaflow_jax import workdir as workdir_lib
 
 # Orbax shares the writing of a replicated array among its replicas, slicing it with an
 # eager op per device and shape. Below a few MiB per replica that costs more than it saves
-# (half the run time of a small model on 8 CPU devices): only larger arrays are split.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20),
-    override=True)
+# (half the run time of a small model on 8 CPU devices): our checkpoints split only larger
+# arrays.
+MIN_REPLICA_SLICE_BYTES = 4 << 20
+
+
+def type_handlers():
+  """Orbax's type handlers, with an array handler that splits only arrays of
+  MIN_REPLICA_SLICE_BYTES per replica or more: a registry of our own, passed to the
+  handlers we make, so that Orbax elsewhere in the process keeps its global one as it is."""
+  registered = [(ty, ocp.type_handlers.get_type_handler(ty))
+                for ty in ocp.type_handlers.supported_types()]
+  arrays = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+  return ocp.type_handlers.create_type_handler_registry(*registered, (jax.Array, arrays))
+
+
+def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=type_handlers())
+
+
+def _restore_args(abstract, partial: bool = False):
+  """Restores every array of `abstract` (ShapeDtypeStructs) with its shape, dtype and
+  sharding; `partial`: the rest of the saved tree stays on disk."""
+  return ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=partial)
+
+
+def _tree_metadata(directory):
+  """The tree of array metadata (shapes, dtypes) of a pytree item saved in `directory`."""
+  return _pytree_handler().metadata(epath.Path(directory)).tree
 
 
 class CheckpointError(OSError):
@@ -114,7 +141,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=(workdir_lib.STATE_ITEM, 'meta'))
+        item_handlers={workdir_lib.STATE_ITEM: _pytree_handler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -125,8 +153,8 @@ class Checkpointer:
   def check_fits(self, step: int, abstract_params) -> None:
     """CheckpointError naming the first parameter of checkpoint `step` whose name or shape
     the model's params do not have; read from its metadata alone."""
-    state_dir = epath.Path(self.directory) / str(step) / workdir_lib.STATE_ITEM
-    stored = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree['params']
+    stored = _tree_metadata(os.path.join(self.directory, str(step),
+                                         workdir_lib.STATE_ITEM))['params']
     mismatch = first_mismatch(stored, abstract_params)
     if mismatch:
       raise CheckpointError(
@@ -146,7 +174,7 @@ class Checkpointer:
         check_complete(os.path.join(self.directory, str(step), workdir_lib.STATE_ITEM))
         self.check_fits(step, abstract_state.params)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=_restore_args(abstract_state), meta=ocp.args.JsonRestore()))
       except DamagedCheckpointError as e:
         error = str(e)
       except CheckpointError:
@@ -191,7 +219,7 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def wait(self) -> None:
     """Returns once a save in flight is on disk."""
@@ -204,9 +232,8 @@ class Checkpointer:
 
 def save_params(path: str, params) -> None:
   """Writes final params (what the next stage or export reads), atomically."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), params, force=True)
-  checkpointer.wait_until_finished()
+  with ocp.Checkpointer(_pytree_handler()) as checkpointer:
+    checkpointer.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params), force=True)
 
 
 def load_params(path: str, abstract_params, what: str = 'params'):
@@ -222,13 +249,13 @@ def load_params(path: str, abstract_params, what: str = 'params'):
       lambda a: a if getattr(a, 'sharding', None) else jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                              sharding=here),
       abstract_params)
-  mismatch = first_mismatch(ocp.StandardCheckpointer().metadata(path).item_metadata,
-                            abstract_params)
+  mismatch = first_mismatch(_tree_metadata(path), abstract_params)
   if mismatch:
     raise CheckpointError(f'{what}: checkpoint {path} does not fit the model config: {mismatch}')
   parallel.sync(f'load {path}')  # Orbax's own barriers are collectives
   try:
-    return ocp.StandardCheckpointer().restore(path, abstract_params)
+    with ocp.Checkpointer(_pytree_handler()) as checkpointer:
+      return checkpointer.restore(path, args=_restore_args(abstract_params))
   except (ValueError, KeyError) as e:
     raise CheckpointError(f'{what}: checkpoint {path} does not fit the model config: '
                           f'{str(e).splitlines()[0]}') from None
@@ -245,16 +272,13 @@ def load_trained_params(trained: workdir_lib.TrainedParams, abstract_params):
 def _train_state_params(step_dir: str, key: str, abstract_params):
   """The params `key` of a train state that Checkpointer saved, read alone (the
   optimizer state stays on disk), with the model's parameter names and shapes."""
-  handler = ocp.PyTreeCheckpointHandler()
   state_dir = epath.Path(step_dir) / workdir_lib.STATE_ITEM
-  mismatch = first_mismatch(handler.metadata(state_dir).tree.get(key), abstract_params)
+  mismatch = first_mismatch(_tree_metadata(state_dir).get(key), abstract_params)
   if mismatch:
     raise CheckpointError(f'{step_dir}: its {key} do not fit the model config: {mismatch}')
   target = {key: abstract_params}
   try:
-    restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    restored = _pytree_handler().restore(state_dir, args=_restore_args(target, partial=True))
   except ValueError as e:
     raise CheckpointError(f'{step_dir}: does not fit the model config: '
                           f'{str(e).splitlines()[0]}') from None
@@ -263,7 +287,7 @@ def _train_state_params(step_dir: str, key: str, abstract_params):
 
 def top_level_names(path: str) -> set:
   """The top-level keys of the params tree saved at `path` (read from its metadata)."""
-  return set(ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata.keys())
+  return set(_tree_metadata(os.path.abspath(path)).keys())
 
 
 def abstract_like(tree):
