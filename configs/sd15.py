@@ -79,6 +79,7 @@ def training(**settings) -> ml_collections.ConfigDict:
       log_every=100,
       checkpoint_every=2000,
       keep_checkpoints=3,
+      preemption_check_every=10,    # processes agree on SIGTERM (a host round trip)
       sample_every=2000,
       num_samples=16,
       sample_steps=25,

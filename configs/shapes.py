@@ -160,6 +160,9 @@ def training_config(quick: bool, steps: int) -> ml_collections.ConfigDict:
   t.log_every = 5 if quick else 25
   t.checkpoint_every = 10 if quick else 250
   t.keep_checkpoints = 2
+  # Processes agree whether one got SIGTERM every this many steps (and at log and save
+  # steps): a host round trip each time. A single process stops at the next step.
+  t.preemption_check_every = 5
   t.sample_every = 15 if quick else 250
   t.num_samples = 8 if quick else 16
   t.sample_steps = 8 if quick else 25

@@ -21,7 +21,7 @@ TRAINING_STAGES = ('rf', 'reflow', 'distill')
 # evaluator's sizes belong to the shapes evaluator only).
 TRAINING_COUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
                     'checkpoint_every', 'keep_checkpoints', 'sample_every', 'num_samples',
-                    'sample_steps')
+                    'sample_steps', 'preemption_check_every')
 COUNTS = {
     'pairs': ('num_pairs', 'shard_size', 'batch_size', 'num_steps'),
     'distill': ('student_steps', 'teacher_steps'),

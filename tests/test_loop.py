@@ -1,6 +1,12 @@
-"""The training loop on a toy regression: resume, NaN stop, SIGTERM, gradient accumulation."""
+"""The training loop on a toy regression: resume, NaN stop, SIGTERM, gradient accumulation.
+
+`python -m tests.test_loop WORKDIR` is one process of the two-process SIGTERM run
+(launch/local.py starts them)."""
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +16,12 @@ import pytest
 
 from configs import shapes
 from instaflow_jax import checkpoint
+from instaflow_jax import parallel
 from instaflow_jax import workdir
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.training import loop
 from instaflow_jax.training import state as state_lib
+from tests import runs
 
 
 def toy_config(steps=12, **overrides):
@@ -115,16 +123,57 @@ def test_divergence_sets_aside_later_checkpoints_and_a_lower_lr_restarts(tmp_pat
   np.testing.assert_array_equal(params['w'], run(tmp_path / 'ref', toy_config())['w'])
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, monkeypatch):
   def preempt(step):
     if step == 7:
       os.kill(os.getpid(), signal.SIGTERM)
+  # One process stops at the next step, between preemption checks, asking no other.
+  monkeypatch.setattr(parallel, 'any_process', None)
+  config = toy_config(log_every=100, preemption_check_every=5)
   with pytest.raises(loop.Preempted, match='SIGTERM at step 7'):
-    run(tmp_path, toy_config(), on_step=preempt)
+    run(tmp_path, config, on_step=preempt)
   assert '7' in os.listdir(tmp_path / 'checkpoints')
-  reference = run(tmp_path / 'ref', toy_config())
-  resumed = run(tmp_path, toy_config())
+  reference = run(tmp_path / 'ref', config)
+  resumed = run(tmp_path, config)
   np.testing.assert_array_equal(resumed['w'], reference['w'])
+
+
+def two_process_sigterm(workdir: str) -> None:
+  """One of two processes: process 1 gets SIGTERM at step 7, between the preemption checks
+  of steps 4 and 8. Writes the steps at which this process asked the others, and how the
+  run ended, to WORKDIR/process_I.json."""
+  parallel.initialize_distributed()
+  step_now, asked = [0], []
+  any_process = parallel.any_process
+  parallel.any_process = lambda flag: asked.append(step_now[0]) or any_process(flag)
+
+  def on_step(step):
+    step_now[0] = step
+    if step == 7 and jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+  config = toy_config(steps=20, log_every=100, checkpoint_every=100, preemption_check_every=4)
+  try:
+    run(os.path.join(workdir, 'toy'), config, on_step=on_step)
+    ending = 'finished'
+  except loop.Preempted as e:
+    ending = str(e)
+  with open(os.path.join(workdir, f'process_{jax.process_index()}.json'), 'w') as f:
+    json.dump({'asked_at': asked, 'ending': ending}, f)
+
+
+@pytest.mark.slow  # two processes
+def test_processes_agree_on_sigterm_only_every_n_steps(tmp_path):
+  command = [sys.executable, os.path.join('launch', 'local.py'), '--num_processes=2',
+             '--devices_per_process=1', '--', '-m', 'tests.test_loop', str(tmp_path)]
+  result = subprocess.run(command, cwd=runs.REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  for process in (0, 1):
+    with open(tmp_path / f'process_{process}.json') as f:
+      outcome = json.load(f)
+    assert outcome['asked_at'] == [4, 8], process  # not at every step
+    assert outcome['ending'].startswith('toy: SIGTERM at step 8; checkpoint saved'), process
+  assert os.listdir(tmp_path / 'toy' / 'checkpoints') == ['8']
 
 
 def test_gradient_accumulation_matches_the_full_batch():
@@ -187,3 +236,7 @@ def test_ema_warms_up_so_a_short_run_averages_trained_weights():
   state = loop.TrainState.create({'w': jnp.zeros(4)}, optax.sgd(1.0))
   state = state.apply_gradients({'w': -jnp.ones(4)}, ema_decay=0.995)  # params become 1
   np.testing.assert_allclose(state.ema_params['w'], 0.9)  # 0.1 * 0 + 0.9 * 1
+
+
+if __name__ == '__main__':
+  two_process_sigterm(sys.argv[1])

@@ -160,6 +160,20 @@ class _SigtermFlag:
     self.raised = True
 
 
+def _stop_for_sigterm(sigterm: _SigtermFlag, step: int, check_every: int,
+                      waits_anyway: bool) -> bool:
+  """Whether every process stops after `step` for a SIGTERM: they must stop at the same
+  step, since all of them write the checkpoint. A single process stops at once. Several
+  agree through a host round trip, which stalls the dispatch of the steps ahead, so only
+  every `check_every` steps and at the steps that wait for the devices anyway
+  (`waits_anyway`: those that log or save)."""
+  if jax.process_count() == 1:
+    return sigterm.raised
+  if step % check_every and not waits_anyway:
+    return False
+  return parallel.any_process(sigterm.raised)
+
+
 # A step whose loss or gradient norm is this many times its running mean (over the
 # healthy steps before it) is taken as diverging: the periodic checkpoint that would
 # follow it is not written, so that a NaN stop leaves one from before the divergence.
@@ -254,7 +268,8 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
   """Runs (or resumes) training; returns the final EMA params (also saved to disk).
 
   config: the stage's training section (steps, batch_size, optimizer, ema_decay,
-    grad_accum_steps, log_every, checkpoint_every, keep_checkpoints, sample_every).
+    grad_accum_steps, log_every, checkpoint_every, keep_checkpoints, sample_every,
+    preemption_check_every).
   batches(start_step): an iterator of this process's slices of the batches from that step on.
   sample_fn(params): images [N, H, W, 3] in [0, 1] for the periodic grid.
   param_axes: the logical axes of init_params (parallel.logical_axes(module)), which place
@@ -298,11 +313,12 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
       state, metrics = train_step(*args)
       report(step)
       unchecked.append((step, {k: metrics[k] for k in SPIKE_FACTORS}))
-      # Every process must stop at the same step: the checkpoint is written by all of them.
-      preempted = parallel.any_process(sigterm.raised)
       last = step == config.steps
       logged = step % config.log_every == 0 or last
-      saving = checkpointer.should_save(step) or last or preempted
+      scheduled_save = checkpointer.should_save(step) or last
+      preempted = _stop_for_sigterm(sigterm, step, config.preemption_check_every,
+                                    logged or scheduled_save)
+      saving = scheduled_save or preempted
       if logged or saving:
         for seen, values in jax.device_get(unchecked):
           values = {k: float(v) for k, v in values.items()}
