@@ -1,4 +1,4 @@
-"""Image grids and PNG files."""
+"""Image grids, PNG files, and the conversions of pixel values."""
 import math
 import os
 
@@ -39,6 +39,17 @@ def labelled_rows(rows, upscale: int = 1, label_width: int = 150, pad: int = 2) 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
   return (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_unit_range(pixels):
+  """uint8 pixels -> float32 in [0, 1] (numpy or jax arrays)."""
+  return pixels.astype(np.float32) / 255.0
+
+
+def to_model_range(pixels):
+  """uint8 pixels -> float32 in [-1, 1], the range the autoencoder encodes (numpy or jax
+  arrays: the input pipeline keeps images uint8, and the jitted step converts them)."""
+  return pixels.astype(np.float32) / 127.5 - 1.0
 
 
 def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:

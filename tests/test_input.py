@@ -3,9 +3,12 @@ import dataclasses
 import itertools
 import threading
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instaflow_jax import images as image_io
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import shapes
 from instaflow_jax.data.tokenizer import WordTokenizer
@@ -49,16 +52,22 @@ def _assert_batches_equal(a, b):
 def test_batch_contents(config, tokenizer):
   data = _input(config, tokenizer)
   batch = data.batch(3)
-  assert batch['image'].shape == (GLOBAL_BATCH, 16, 16, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (GLOBAL_BATCH, 16, 16, 3) and batch['image'].dtype == np.uint8
   assert batch['input_ids'].shape == (GLOBAL_BATCH, tokenizer.model_max_length)
   assert batch['input_ids'].dtype == np.int32
   _, indices = data.sample_ids(3)
   for row, index in enumerate(indices):
     scene = shapes.sample_scene('train', int(index))
-    np.testing.assert_allclose(batch['image'][row], shapes.render(scene, 16) / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(batch['image'][row], shapes.render(scene, 16))
     assert tokenizer.decode(batch['input_ids'][row]) == shapes.caption(scene)
     for key in LABELS:
       assert shapes.label_names(key)[batch[key][row]] == scene.labels()[key]
+
+
+def test_images_stay_uint8_until_the_step_makes_the_model_range():
+  pixels = jnp.array([0, 51, 255], jnp.uint8)
+  np.testing.assert_allclose(jax.jit(image_io.to_model_range)(pixels), [-1.0, -0.6, 1.0],
+                             rtol=1e-6)
 
 
 def test_each_epoch_visits_every_example_once(config, tokenizer):
@@ -87,6 +96,29 @@ def test_resuming_equals_continuing(config, tokenizer):
     _assert_batches_equal(a, b)
   for step, batch in enumerate(continued):
     _assert_batches_equal(batch, data.batch(step))
+
+
+def test_batches_are_the_same_whatever_the_number_of_workers(config, tokenizer):
+  """Over an epoch's end, with the images as stored and resized, from the tfds source."""
+  source = input_lib.open_source(config)
+  def batches(workers, size):
+    data = input_lib.ImageTextInput(source, tokenizer, global_batch_size=GLOBAL_BATCH,
+                                    image_size=size, label_keys=LABELS, workers=workers)
+    return list(itertools.islice(data.batches(2), 3)), data
+  for size in (16, 11):  # as stored; resized
+    one, data = batches(1, size)
+    four, _ = batches(4, size)
+    for step, (a, b) in enumerate(zip(one, four, strict=True), start=2):
+      _assert_batches_equal(a, b)
+      _assert_batches_equal(a, data.batch(step))
+  assert not any(t.name.startswith('input-worker') for t in threading.enumerate())
+
+
+def test_workers_below_one_are_refused(tokenizer):
+  with pytest.raises(ValueError, match=r'input: workers=0; give at least 1 \(or None: \d+ on '
+                                       r'this machine\)'):
+    input_lib.ImageTextInput(_captions_source(), tokenizer, global_batch_size=2, image_size=8,
+                             workers=0)
 
 
 @pytest.mark.parametrize('process_count', [2, 3, 4])
@@ -133,8 +165,7 @@ def test_caption_lists_and_resizing():
   data = input_lib.ImageTextInput(_captions_source(), WordTokenizer(['a red circle at in above']),
                                   global_batch_size=6, image_size=8, caption_key='captions/text')
   batches = [data.batch(step) for step in range(8)]  # a batch is an epoch here
-  assert batches[0]['image'].shape == (6, 8, 8, 3)
-  assert all(-1 <= b['image'].min() and b['image'].max() <= 1 for b in batches)
+  assert batches[0]['image'].shape == (6, 8, 8, 3) and batches[0]['image'].dtype == np.uint8
   # Example 0 is shown with more than one of its captions over 8 epochs, the same each run.
   rows = [list(data.sample_ids(step)[1]).index(0) for step in range(8)]
   captions = [tuple(b['input_ids'][row]) for b, row in zip(batches, rows)]

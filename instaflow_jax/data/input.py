@@ -17,14 +17,22 @@ global batch, which stays the same whatever n. Where a caption feature holds sev
 captions, one is chosen by a key seeded by (seed, epoch, example index).
 Caption dropout (for classifier-free guidance) is the trainer's business, not done here.
 
+batches() loads the examples of a batch (reading, decoding, resizing) with several worker
+threads (PIL and numpy release the GIL), each example by itself, so a batch is the same
+whatever their number. Images stay uint8 up to the device: the model's float range is
+made inside the jitted step (images.to_model_range).
+
 The stages that need prompts only may read them from a plain text file instead
 (read_prompts, example_captions, PromptsInput).
 """
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import os
 import queue
 import threading
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -175,7 +183,7 @@ def example_captions(data_config, split: str, prompts_file: str = '') -> Sequenc
 
 
 def model_image(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, C] -> float32 [size, size, 3] in [-1, 1]: shorter side resized, centre crop."""
+  """uint8 [H, W, C] -> uint8 [size, size, 3]: shorter side resized, centre crop."""
   if image.ndim == 2 or image.shape[-1] == 1:
     image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
   image = image[..., :3]
@@ -186,7 +194,30 @@ def model_image(image: np.ndarray, size: int) -> np.ndarray:
     image = np.asarray(Image.fromarray(image).resize(resized, Image.Resampling.BICUBIC))
     top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
     image = image[top:top + size, left:left + size]
-  return image.astype(np.float32) / 127.5 - 1.0
+  return image
+
+
+# More threads than this would add little (the Python parts of loading an example hold the
+# GIL) and crowd the host's other processes (one per accelerator on many GPU hosts).
+_MAX_DEFAULT_WORKERS = 16
+
+
+def default_workers() -> int:
+  """The worker threads of an input pipeline by default: one per CPU this process may run
+  on, at most _MAX_DEFAULT_WORKERS."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, min(_MAX_DEFAULT_WORKERS, cpus or 1))
+
+
+@contextlib.contextmanager
+def _worker_map(workers: int) -> Iterator[Callable]:
+  """A map() that runs its calls on `workers` threads, results in order; the threads stop
+  at the end of the block."""
+  if workers == 1:
+    yield map
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='input-worker') as pool:
+    yield pool.map
 
 
 class IndexedInput:
@@ -195,11 +226,12 @@ class IndexedInput:
   Sample j of the global batch at step k is position k * global_batch_size + j of an
   endless stream that visits every example once per epoch, in the order of a permutation
   seeded by (seed, epoch); process i of n takes the i-th of n equal slices. Subclasses
+  may prepare each example as it is loaded (`load_example`, run by `workers` threads) and
   turn the examples of a step into arrays (`make_batch`).
   """
 
   def __init__(self, source, *, global_batch_size: int, seed: int = 0, process_index: int = 0,
-               process_count: int = 1, prefetch: int = 2):
+               process_count: int = 1, prefetch: int = 2, workers: Optional[int] = None):
     if global_batch_size % process_count:
       raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
                        f'process_count={process_count}')
@@ -207,12 +239,16 @@ class IndexedInput:
       raise ValueError(f'process_index={process_index} not in [0, {process_count})')
     if len(source) == 0:
       raise ValueError(f'input: the source {source!r} is empty')
+    if workers is not None and workers < 1:
+      raise ValueError(f'input: workers={workers}; give at least 1 (or None: '
+                       f'{default_workers()} on this machine)')
     self.source = source
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self.seed = seed
     self.process_index = process_index
     self.prefetch = prefetch
+    self.workers = default_workers() if workers is None else workers
     # A batch spans at most two epochs; keep both orders.
     self._permutation = functools.lru_cache(maxsize=2)(self._make_permutation)
 
@@ -231,18 +267,23 @@ class IndexedInput:
     indices = np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
     return epochs, indices
 
+  def load_example(self, index: int) -> Any:
+    """Example `index` of the source, as make_batch takes it."""
+    return self.source[index]
+
   def make_batch(self, examples: Sequence[Any], epochs: np.ndarray, indices: np.ndarray) -> Batch:
     raise NotImplementedError
 
-  def batch(self, step: int) -> Batch:
-    """This process's part of the global batch at `step`."""
+  def batch(self, step: int, map_fn: Callable = map) -> Batch:
+    """This process's part of the global batch at `step`, its examples loaded through
+    `map_fn` (by default in this thread; batches() passes its workers')."""
     epochs, indices = self.sample_ids(step)
-    examples = self.source.__getitems__(indices.tolist()) if hasattr(
-        self.source, '__getitems__') else [self.source[int(i)] for i in indices]
+    examples = list(map_fn(self.load_example, indices.tolist()))
     return self.make_batch(examples, epochs, indices)
 
   def batches(self, start_step: int = 0) -> Iterator[Batch]:
-    """Batches of steps start_step, start_step + 1, ..., made ahead by a background thread."""
+    """Batches of steps start_step, start_step + 1, ..., made ahead by a background thread
+    that loads their examples on `workers` threads."""
     ready = queue.Queue(maxsize=self.prefetch)
     stop = threading.Event()
 
@@ -257,9 +298,10 @@ class IndexedInput:
     def produce():
       step = start_step
       try:
-        while not stop.is_set():
-          put(self.batch(step))
-          step += 1
+        with _worker_map(self.workers) as map_fn:
+          while not stop.is_set():
+            put(self.batch(step, map_fn))
+            step += 1
       except Exception as error:  # handed to the consumer, raised there
         put(error)
 
@@ -277,7 +319,7 @@ class IndexedInput:
 
 
 class ImageTextInput(IndexedInput):
-  """Batches {'image': float32 [b, H, W, 3], 'input_ids': int32 [b, T], labels: int32 [b]}.
+  """Batches {'image': uint8 [b, H, W, 3], 'input_ids': int32 [b, T], labels: int32 [b]}.
 
   `source` is any random-access sequence of examples (a tfds data source); b is this
   process's share of `global_batch_size`. `tokenizer` is called as a CLIPTokenizer is.
@@ -286,9 +328,10 @@ class ImageTextInput(IndexedInput):
   def __init__(self, source, tokenizer, *, global_batch_size: int, image_size: int,
                image_key: str = 'image', caption_key: str = 'caption',
                label_keys: Sequence[str] = (), seed: int = 0, process_index: int = 0,
-               process_count: int = 1, prefetch: int = 2):
+               process_count: int = 1, prefetch: int = 2, workers: Optional[int] = None):
     super().__init__(source, global_batch_size=global_batch_size, seed=seed,
-                     process_index=process_index, process_count=process_count, prefetch=prefetch)
+                     process_index=process_index, process_count=process_count, prefetch=prefetch,
+                     workers=workers)
     info = getattr(source, 'dataset_info', None)
     if info is not None:
       check_features(info, (image_key, caption_key) + tuple(label_keys))
@@ -305,28 +348,30 @@ class ImageTextInput(IndexedInput):
     key = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
     return value[int(key) % len(value)]
 
+  def load_example(self, index: int) -> Tuple[Mapping, np.ndarray]:
+    """(example `index`, its image at the model's size)."""
+    example = self.source[index]
+    return example, model_image(np.asarray(_lookup(example, self.image_key)), self.image_size)
+
   def make_batch(self, examples, epochs, indices) -> Batch:
+    examples, images = zip(*examples)
     captions = [self._caption(captions_of(ex, self.caption_key), int(e), int(i))
                 for ex, e, i in zip(examples, epochs, indices)]
-    batch = {
-        'image': np.stack([model_image(np.asarray(_lookup(ex, self.image_key)), self.image_size)
-                           for ex in examples]),
-        'input_ids': tokenize(self.tokenizer, captions),
-    }
+    batch = {'image': np.stack(images), 'input_ids': tokenize(self.tokenizer, captions)}
     for key in self.label_keys:
       batch[key] = np.array([_lookup(ex, key) for ex in examples], np.int32)
     return batch
 
 
 def create_input(config: InputConfig, tokenizer, *, global_batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1,
-                 prefetch: int = 2) -> ImageTextInput:
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+                 workers: Optional[int] = None) -> ImageTextInput:
   """The pipeline over the tfds dataset of `config` (prepared as array_record if needed)."""
   return ImageTextInput(
       open_source(config), tokenizer, global_batch_size=global_batch_size,
       image_size=config.image_size, image_key=config.image_key, caption_key=config.caption_key,
       label_keys=config.label_keys, seed=seed, process_index=process_index,
-      process_count=process_count, prefetch=prefetch)
+      process_count=process_count, prefetch=prefetch, workers=workers)
 
 
 class PromptsInput(IndexedInput):

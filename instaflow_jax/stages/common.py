@@ -8,6 +8,7 @@ import jax
 import ml_collections
 
 from instaflow_jax import checkpoint
+from instaflow_jax import images as image_io
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
@@ -38,7 +39,7 @@ def model_inputs(modules: sampling.PipelineModules, frozen, batch, rng):
   if 'latents' in batch:
     x1 = batch['latents']
   else:
-    x1 = sampling.encode_images(modules, frozen, batch['image'], rng)
+    x1 = sampling.encode_images(modules, frozen, image_io.to_model_range(batch['image']), rng)
   return x1, text_embeddings(modules, frozen, batch)
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 
 from instaflow_jax import checkpoint
+from instaflow_jax import images as image_io
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
@@ -70,7 +71,7 @@ def real_examples(config: ml_collections.ConfigDict, split: str, count: int):
   images = np.stack([input_lib.model_image(np.asarray(e[config.data.image_key]),
                                            config.data.image_size) for e in examples])
   captions = [input_lib.captions_of(e, config.data.caption_key)[0] for e in examples]
-  return (images + 1.0) / 2.0, captions, examples
+  return image_io.to_unit_range(images), captions, examples
 
 
 @dataclasses.dataclass(frozen=True)
