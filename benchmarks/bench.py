@@ -11,7 +11,7 @@ are converted into ours with torch_state_to_flax, so both sides compute the same
 one float32 forward pass checks that. Then, in the config's compute dtype: one-step
 generation (text encoder on the padded tokens, one U-Net evaluation at time 1000, VAE
 decode), the U-Net alone, the pairs stage's teacher solve (text encoder, 25 Euler steps
-with classifier-free guidance), the trainer's training step (training/loop.py's
+with classifier-free guidance), the trainer's training step (training/step.py's
 make_train_step over the reflow stage's flow-matching loss, configs/sd15_reflow.py's
 optimizer, EMA and remat policy; on the reference side the same step written in PyTorch),
 and for sd15 the stacked 1.7B student's forward pass and attention alone (cuDNN and XLA

@@ -1,6 +1,6 @@
 """bench.py's runner for ours: the Flax models on the reference's weights, every executable
 compiled ahead of time, then timed. The training step is the trainer's own
-(training/loop.py's make_train_step over stages/train_flow.py's flow-matching loss)."""
+(training/step.py's make_train_step over training/flow_loss.py's flow-matching loss)."""
 import concurrent.futures
 import contextlib
 import functools
@@ -22,7 +22,7 @@ from bench_measure import per_item
 from bench_measure import time_calls
 from bench_torch import build_reference
 
-TRAIN_STEP = ('training/loop.py make_train_step over stages/train_flow.py flow_matching_loss: '
+TRAIN_STEP = ('training/step.py make_train_step over training/flow_loss.py flow_matching_loss: '
               'uniform times, the batch\'s coupled noise, caption dropout, forward (remat as '
               'configured), l2 loss, backward, the loss and gradient-norm metrics, global-norm '
               'clipping, AdamW with warm-up (training/state.py make_optimizer), EMA; jit, the '
@@ -194,15 +194,15 @@ def _train_task(cfg: BenchConfig, train, train_modules: dict, unet_params):
   it), the U-Net rematerialised as the config says: ((jitted step, abstract arguments, None),
   a function making the real train state from unet_params)."""
   import jax
-  from instaflow_jax.stages import train_flow
-  from instaflow_jax.training import loop
+  from instaflow_jax.training import flow_loss
+  from instaflow_jax.training import step as step_lib
   from instaflow_jax.training import state as state_lib
   tx = state_lib.make_optimizer(train.optimizer, train.steps)
   policy = bench_configs.remat_policy(cfg)
   if policy != 'none':  # the U-Net's default
     train_modules = dict(train_modules, unet=train_modules['unet'].clone(remat_policy=policy))
-  loss_fn = train_flow.flow_matching_loss(_pipeline_modules(train_modules), train)
-  step = loop.make_train_step(loss_fn, train.ema_decay, train.grad_accum_steps)
+  loss_fn = flow_loss.flow_matching_loss(_pipeline_modules(train_modules), train)
+  step = step_lib.make_train_step(loss_fn, train.ema_decay, train.grad_accum_steps)
   frozen = {'null_embeds': bench_configs.null_text_states(cfg)}
   inputs = jax.device_put((frozen, bench_configs.train_batch(cfg))) + (jax.random.key(SEED),)
   abstract_args = (state_lib.abstract_state(unet_params, tx),) + inputs

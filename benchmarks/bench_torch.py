@@ -213,7 +213,7 @@ def _inference(cfg: BenchConfig, rec: Recorder, timer: _Timer, impl: str, on_dev
     save = ((lambda out: bench_configs.nhwc(out.float().cpu().numpy()))
             if name in bench_configs.compared_rows(cfg) else None)
     rec.measure(name, impl, lambda: timer.timed(impl, name, call, b, save), need_s=need_s)
-    del parts  # the next kind's placement may free these
+    parts = call = None  # the next kind's placement may free these
 
 
 def _attention(cfg: BenchConfig, rec: Recorder, timer: _Timer, names) -> None:

@@ -32,7 +32,7 @@ from instaflow_jax.models.formulations import portable
 from instaflow_jax.models.unet import REMAT_POLICIES
 from instaflow_jax.models.unet import UNet2DConditionModel
 from instaflow_jax.models.unet import UNetConfig
-from instaflow_jax.stages import train_flow
+from instaflow_jax.training import flow_loss
 
 # SD 1.5's unet/config.json differs from diffusers' defaults only here.
 SD15_UNET = UNetConfig(sample_size=64, cross_attention_dim=768)
@@ -78,7 +78,7 @@ def abstract_step_inputs(config, batch_size: int, policy: str):
   latents = jnp.zeros((batch_size, 64, 64, 4), jnp.float32)
   batch = {'x0': latents, 'latents': latents,
            'text_embeds': jnp.zeros((batch_size, 77, 768), jnp.float32)}
-  loss_fn = train_flow.flow_matching_loss(sampling.PipelineModules(unet, None, None), train)
+  loss_fn = flow_loss.flow_matching_loss(sampling.PipelineModules(unet, None, None), train)
   # A step that does not log: text_use's extra forward passes keep nothing for the gradient.
   loss = lambda params: loss_fn(params, frozen, batch, jax.random.key(0), jnp.int32(0))[0]
   return loss, params

@@ -27,9 +27,9 @@ from instaflow_jax import parallel
 from instaflow_jax import sampling
 from instaflow_jax.models.unet import UNet2DConditionModel
 from instaflow_jax.models.unet import UNetConfig
-from instaflow_jax.stages import train_flow
-from instaflow_jax.training import loop
+from instaflow_jax.training import flow_loss
 from instaflow_jax.training import state as state_lib
+from instaflow_jax.training import step as step_lib
 
 # SD 1.5's unet/config.json differs from diffusers' defaults only here.
 SD15_UNET = UNetConfig(sample_size=64, cross_attention_dim=768)
@@ -68,11 +68,12 @@ def analyse(config, mesh: dict, batch_size: int) -> dict:
       mesh=mesh, axis_rules=parallel.AXIS_RULES, min_shard_size=config.min_shard_size)))
   layout.check_batch_size(batch_size, 'batch_size', train.grad_accum_steps)
   unet, params, frozen, batch = abstract_inputs(config, batch_size)
-  abstract = state_lib.abstract_state(params, loop.make_optimizer(train.optimizer, train.steps))
+  tx = state_lib.make_optimizer(train.optimizer, train.steps)
+  abstract = state_lib.abstract_state(params, tx)
   shardings = state_lib.state_shardings(
       abstract, layout.param_shardings(params, parallel.logical_axes(unet)), layout.replicated)
-  step = loop.make_train_step(
-      train_flow.flow_matching_loss(sampling.PipelineModules(unet, None, None), train),
+  step = step_lib.make_train_step(
+      flow_loss.flow_matching_loss(sampling.PipelineModules(unet, None, None), train),
       train.ema_decay, train.grad_accum_steps, layout, shardings)
   start = time.time()
   compiled = step.lower(checkpoint.with_shardings(abstract, shardings),

@@ -6,13 +6,13 @@ conversion to [0, 1]) is one jitted function, compiled once per (modules, batch,
 solver, guidance on/off).
 """
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
+from instaflow_jax import images as image_io
 from instaflow_jax.flow import diffusion
 from instaflow_jax.flow import samplers
 from instaflow_jax.models import formulations
@@ -46,6 +46,22 @@ def decode_to_images(modules: PipelineModules, params, latents: jax.Array) -> ja
   latents = latents / modules.vae.config.scaling_factor
   images = modules.vae.apply({'params': params['vae']}, latents, method='decode')
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def text_embeddings(modules: PipelineModules, frozen, batch):
+  """The text embeddings of a batch, computed unless cached in it."""
+  if 'text_embeds' in batch:
+    return batch['text_embeds']
+  return encode_text(modules, frozen, batch['input_ids'])
+
+
+def model_inputs(modules: PipelineModules, frozen, batch, rng):
+  """(X1 latents, text embeddings) of a batch, computed unless cached in it."""
+  if 'latents' in batch:
+    x1 = batch['latents']
+  else:
+    x1 = encode_images(modules, frozen, image_io.to_model_range(batch['image']), rng)
+  return x1, text_embeddings(modules, frozen, batch)
 
 
 @formulations.jit(static_argnums=(0, 6))

@@ -27,7 +27,7 @@ from instaflow_jax import sampling
 from instaflow_jax import stages
 from instaflow_jax.models.unet import UNet2DConditionModel
 from instaflow_jax.models.unet import UNetConfig
-from instaflow_jax.stages import train_flow
+from instaflow_jax.training import flow_loss
 from instaflow_jax.training import loop
 from instaflow_jax.training import state as state_lib
 
@@ -116,7 +116,7 @@ def train_on(run_layout: parallel.Layout, stage_dir: str, batch_size: int = BATC
     params = loop.train(
         config, stage_dir, stage='tiny', init_params=init_params,
         frozen={'null_embeds': jnp.zeros((1, 4, 16))},
-        loss_fn=train_flow.flow_matching_loss(sampling.PipelineModules(unet, None, None),
+        loss_fn=flow_loss.flow_matching_loss(sampling.PipelineModules(unet, None, None),
                                               config),
         batches=batches, param_axes=axes)
   return [row for row in loop.read_metrics(stage_dir) if 'loss' in row], params

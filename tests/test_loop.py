@@ -21,6 +21,7 @@ from instaflow_jax import workdir
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.training import loop
 from instaflow_jax.training import state as state_lib
+from instaflow_jax.training import step as step_lib
 from tests import runs
 
 
@@ -183,7 +184,7 @@ def test_gradient_accumulation_matches_the_full_batch():
   results = []
   for micro_batches in (1, 2, 4):
     state = loop.TrainState.create({'w': jnp.ones(4)}, loop.make_optimizer(config.optimizer, 10))
-    step = loop.make_train_step(mse, 0.9, micro_batches)
+    step = step_lib.make_train_step(mse, 0.9, micro_batches)
     results.append(step(state, frozen, batch, jax.random.key(0)))
   for state, metrics in results[1:]:
     np.testing.assert_allclose(metrics['loss'], results[0][1]['loss'], rtol=1e-6)

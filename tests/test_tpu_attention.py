@@ -12,7 +12,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import AxisType

@@ -8,7 +8,6 @@ import jax
 import ml_collections
 
 from instaflow_jax import checkpoint
-from instaflow_jax import images as image_io
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
@@ -25,22 +24,6 @@ def frozen_params(pipe: pipeline_lib.Pipeline) -> dict:
   params = pipe.params
   null_embeds = sampling.encode_text(pipe.modules, params, pipe.tokenize(['']))
   return {'text': params['text'], 'vae': params['vae'], 'null_embeds': null_embeds}
-
-
-def text_embeddings(modules: sampling.PipelineModules, frozen, batch):
-  """The text embeddings of a batch, computed unless cached in it."""
-  if 'text_embeds' in batch:
-    return batch['text_embeds']
-  return sampling.encode_text(modules, frozen, batch['input_ids'])
-
-
-def model_inputs(modules: sampling.PipelineModules, frozen, batch, rng):
-  """(X1 latents, text embeddings) of a batch, computed unless cached in it."""
-  if 'latents' in batch:
-    x1 = batch['latents']
-  else:
-    x1 = sampling.encode_images(modules, frozen, image_io.to_model_range(batch['image']), rng)
-  return x1, text_embeddings(modules, frozen, batch)
 
 
 def prompts_file(config: ml_collections.ConfigDict, field: str = 'prompts_file') -> str:

@@ -89,7 +89,7 @@ def distillation_loss(modules, config, latent_shape, lpips_module=None):
 
   def loss_fn(params, frozen, batch, rng, step):
     _, noise_rng = jax.random.split(rng)  # the second key: the noise earlier runs drew
-    embeds = common.text_embeddings(modules, frozen, batch)
+    embeds = sampling.text_embeddings(modules, frozen, batch)
     if 'latents' in batch and 'x0' in batch:  # stored pairs
       x0, x1 = batch['x0'], batch['latents']
     else:
