@@ -187,13 +187,8 @@ def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array, is_causal:
   if is_causal:
     causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
-  q, k, v = (_heads_major(t.astype(jnp.float32)) for t in (query, key, value))
-  return _heads_major(_attention(q, k, v, mask)).astype(query.dtype)
-
-
-def _heads_major(t: jax.Array) -> jax.Array:
-  """[batch, length, heads, dim] <-> [batch, heads, length, dim]."""
-  return jnp.swapaxes(t, 1, 2)
+  q, k, v = (portable.heads_major(t.astype(jnp.float32)) for t in (query, key, value))
+  return portable.heads_major(_attention(q, k, v, mask)).astype(query.dtype)
 
 
 def _masked(scores: jax.Array, mask: Optional[jax.Array]) -> jax.Array:

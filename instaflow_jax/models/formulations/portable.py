@@ -30,6 +30,11 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int], padding: Pad
   return conv2d(x, kernel.astype(x.dtype), strides, padding)
 
 
+def heads_major(t: jax.Array) -> jax.Array:
+  """[batch, length, heads, dim] <-> [batch, heads, length, dim]."""
+  return jnp.swapaxes(t, 1, 2)
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
               mask: Optional[jax.Array] = None) -> jax.Array:
   """XLA's attention, softmax in float32 (jax.nn upcasts the scores of bf16 inputs)."""

@@ -1,6 +1,6 @@
 """TPU attention: Pallas splash attention for the long self-attentions, exactly.
 
-`splash_attention` computes what layers.dot_product_attention computes without a mask,
+`splash_attention` computes what formulations.attention computes without a mask,
 softmax(q k^T / sqrt(head_dim)) v on [batch, length, heads, head_dim] tensors, with the
 splash kernel (jax.experimental.pallas.ops.tpu.splash_attention): the [q, kv] weights are
 never stored, forward or backward. `splash_applies` says where it serves: Stable
@@ -30,6 +30,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from instaflow_jax import parallel
+from instaflow_jax.models.formulations import portable
 
 LANES = splash_attention_kernel.NUM_LANES  # 128: lengths and head dims come in these
 # Largest first: bigger blocks mean fewer passes over k and v; each divides 4096, 1024, 256.
@@ -56,8 +57,8 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.
   q = _pad_head_dim(query * jnp.asarray(1 / math.sqrt(head_dim), query.dtype))
   k, v = _pad_head_dim(key), _pad_head_dim(value)
   attend = _batch_sharded(_attend_heads_major, _batch_axes(query.shape[0]))
-  out = attend(*(_heads_major(t) for t in (q, k, v)))
-  return _heads_major(out)[..., :head_dim]
+  out = attend(*(portable.heads_major(t) for t in (q, k, v)))
+  return portable.heads_major(out)[..., :head_dim]
 
 
 def _attend_heads_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -90,11 +91,6 @@ def _pad_head_dim(t: jax.Array) -> jax.Array:
   """Zeros appended to the last axis, up to a multiple of 128."""
   missing = -t.shape[-1] % LANES
   return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, missing)]) if missing else t
-
-
-def _heads_major(t: jax.Array) -> jax.Array:
-  """[batch, length, heads, dim] <-> [batch, heads, length, dim]."""
-  return jnp.swapaxes(t, 1, 2)
 
 
 def _batch_axes(batch_size: int) -> Tuple[str, ...]:
