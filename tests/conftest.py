@@ -28,6 +28,13 @@ import pytest  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 
+@pytest.fixture
+def cpu_kernels_on(monkeypatch):
+  """The layers' C++ kernels on whatever CPU runs the tests (by default only where it has
+  AVX-512): for the tests of the kernels and of the paths that use them."""
+  monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', 'kernel')
+
+
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   """A tfds data_dir shared by the tests that run main on configs/shapes.py:quick."""

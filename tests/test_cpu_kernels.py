@@ -22,6 +22,8 @@ from tests import jaxprs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.usefixtures('cpu_kernels_on')
+
 
 def _torch_attention_and_grads(q, k, v, grad_out, dtype):
   """softmax(q k^T / sqrt(d)) v and its gradients on [b, len, heads, d] arrays."""
@@ -173,7 +175,7 @@ def test_a_mesh_of_cpu_devices_keeps_the_xla_formulation():
   done = _run_python('''
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from instaflow_jax.models import layers
+      from instaflow_jax.models import formulations
       from tests import jaxprs
       mesh = Mesh(np.array(jax.devices()), ('data',))
       x = jax.device_put(jnp.ones((8, 16, 2, 8)), NamedSharding(mesh, P('data')))
@@ -190,7 +192,7 @@ def test_without_a_compiler_it_warns_once_and_uses_the_xla_formulation(tmp_path)
   done = _run_python('''
       import warnings
       import jax, jax.numpy as jnp
-      from instaflow_jax.models import layers
+      from instaflow_jax.models import formulations
       from tests import jaxprs
       x = jnp.ones((1, 8, 2, 8))
       with warnings.catch_warnings(record=True) as caught:
@@ -215,3 +217,19 @@ def test_the_build_is_cached_per_source_and_reused(tmp_path, monkeypatch):
   stamp = first.stat().st_mtime_ns
   assert cpu_kernels.built_library() == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+@pytest.mark.parametrize('setting, flags, chosen', [
+    ('auto', 'fpu sse2 avx2 avx512f avx512bw', True), ('auto', 'fpu sse2 avx2 fma', False),
+    ('auto', '', False), ('kernel', 'fpu avx2', True), ('xla', 'avx512f', False)])
+def test_the_layers_choose_the_kernels_where_the_cpu_has_avx512(monkeypatch, setting, flags,
+                                                                chosen):
+  """The kernels compute on 16 float lanes: with AVX2 alone XLA's formulations are faster."""
+  monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', setting)
+  assert cpu_kernels._chosen(flags) == chosen
+
+
+def test_an_unknown_kernel_setting_is_refused(monkeypatch):
+  monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', 'fast')
+  with pytest.raises(ValueError, match="INSTAFLOW_JAX_CPU_KERNELS='fast': use auto, kernel or xla"):
+    cpu_kernels._chosen('avx512f')

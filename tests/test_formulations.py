@@ -52,6 +52,7 @@ def _relative_error(got, expected) -> float:
 
 
 @pytest.mark.parametrize('backend', ['gpu', 'tpu'])
+@pytest.mark.usefixtures('cpu_kernels_on')
 def test_accelerator_paths_use_no_cpu_formulation_and_agree_with_the_cpu_path(unet, backend):
   forward, gradient, args = _forward_and_gradient(unet)
   cpu_traced = jaxprs.primitives(forward, *args) | jaxprs.primitives(gradient, *args)

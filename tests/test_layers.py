@@ -15,6 +15,8 @@ from instaflow_jax.models.formulations import cpu
 from instaflow_jax.models.formulations import portable
 from tests import jaxprs
 
+pytestmark = pytest.mark.usefixtures('cpu_kernels_on')
+
 
 def _lax_conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding,

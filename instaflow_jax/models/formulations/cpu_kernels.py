@@ -5,7 +5,12 @@ The kernels are built with the machine's C++ compiler ($CXX, else c++) against t
 headers that jaxlib ships, once per source, compiler, jaxlib and CPU, into
 $INSTAFLOW_JAX_KERNEL_CACHE (default ~/.cache/instaflow_jax/kernels). Where they cannot be
 built, the layers keep their XLA formulations and say why once.
-INSTAFLOW_JAX_CPU_KERNELS=xla turns them off.
+
+They compute on 16 float lanes at a time (kLanes), one AVX-512 register: the layers use
+them on CPUs with AVX-512 only. With AVX2 alone the compiler splits every vector in two and
+spills, and the XLA formulations run several times faster (benchmarks/README.md).
+INSTAFLOW_JAX_CPU_KERNELS=kernel uses them on any CPU, =xla on none; unset (auto): where
+the CPU has AVX-512.
 
 They run on a single CPU device only. XLA's partitioner knows nothing of a custom call's
 dimensions and would gather a sharded batch onto every device around it, so meshes of
@@ -46,12 +51,20 @@ def group_norm_applies(channels: int, activation) -> bool:
 
 
 def _usable() -> bool:
-  return jax.device_count() == 1 and _registered()
+  return jax.device_count() == 1 and _chosen(_cpu_flags()) and _registered()
+
+
+def _chosen(cpu_flags: str) -> bool:
+  """Whether the layers should use the kernels on a CPU with these /proc/cpuinfo flags."""
+  setting = os.environ.get('INSTAFLOW_JAX_CPU_KERNELS', 'auto')
+  if setting not in ('auto', 'kernel', 'xla'):
+    raise ValueError(f'INSTAFLOW_JAX_CPU_KERNELS={setting!r}: use auto, kernel or xla')
+  return setting == 'kernel' or (setting == 'auto' and 'avx512f' in cpu_flags.split())
 
 
 @functools.cache
 def _registered() -> bool:
-  if os.environ.get('INSTAFLOW_JAX_CPU_KERNELS', 'kernel') == 'xla':
+  if os.environ.get('INSTAFLOW_JAX_CPU_KERNELS') == 'xla':
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(built_library()))
@@ -101,6 +114,7 @@ def _build_key(command) -> str:
   return key.hexdigest()[:16]
 
 
+@functools.cache
 def _cpu_flags() -> str:
   try:
     info = Path('/proc/cpuinfo').read_text()
