@@ -7,8 +7,8 @@ $INSTAFLOW_JAX_KERNEL_CACHE (default ~/.cache/instaflow_jax/kernels). Where they
 built, the layers keep their XLA formulations and say why once.
 
 They compute on 16 float lanes at a time (kLanes), one AVX-512 register: the layers use
-them on CPUs with AVX-512 only. With AVX2 alone the compiler splits every vector in two and
-spills, and the XLA formulations run several times faster (benchmarks/README.md).
+them on CPUs with AVX-512 only. With AVX2 alone, where each vector takes two registers, the
+XLA formulations run several times faster (benchmarks/README.md).
 INSTAFLOW_JAX_CPU_KERNELS=kernel uses them on any CPU, =xla on none; unset (auto): where
 the CPU has AVX-512.
 
