@@ -15,7 +15,8 @@ from instaflow_jax.evaluation import shapes_evaluator as se
 from instaflow_jax.stages import evaluate
 from tests import tiny_models
 
-MEASURES = ('fd', 'fidelity', 'count_fidelity', 'nfe', 'seconds_per_image', 'compile_seconds')
+MEASURES = ('fd', 'fidelity', *(f'fidelity_{a}' for a in se.FIDELITY_ATTRIBUTES), 'nfe',
+            'seconds_per_image', 'compile_seconds')
 
 
 def test_quick_chain_report_has_every_number_finite(quick_chain):
@@ -67,7 +68,8 @@ def test_perfect_reading_scores_one_and_a_wrong_colour_is_counted():
   cells = se.cell_targets(labels_of_scenes([ONE, TWO]))
   assert se.attribute_accuracy(cells, labels_of_scenes([ONE, TWO])) == {
       k: 1.0 for k in se.ACCURACY_KEYS}
-  assert se.prompt_fidelity([ONE, TWO], cells) == {'fidelity': 1.0, 'count_fidelity': 1.0}
+  assert se.prompt_fidelity([ONE, TWO], cells) == {
+      'fidelity': 1.0, **{f'fidelity_{a}': 1.0 for a in se.FIDELITY_ATTRIBUTES}}
   cells['colour'][1, 5] = shapes.COLOURS.index('red')
   assert se.attribute_accuracy(cells, labels_of_scenes([ONE, TWO]))['colour'] == 2 / 3
   assert se.prompt_fidelity([ONE, TWO], cells)['fidelity'] == 0.5
@@ -81,6 +83,22 @@ def test_two_shapes_match_in_any_cells_that_keep_the_relation():
   assert se.matches_prompt(TWO, {6: square}) is False
   assert se.matches_prompt(ONE, {0: ('circle', 'red', 'small')})
   assert se.matches_prompt(ONE, {1: ('circle', 'red', 'small')}) is False
+
+
+def test_each_attribute_is_judged_on_its_own():
+  square, cross = ('square', 'blue', 'large'), ('cross', 'white', 'small')
+  red_square = ('square', 'red', 'large')
+  wrong_colour = se.attribute_matches(TWO, {3: red_square, 5: cross})
+  assert wrong_colour == {'colour': False, 'shape': True, 'size': True, 'count': True,
+                          'position': True}
+  # Swapped cells: the square (the caption's first) is right of the cross, not left of it.
+  assert se.attribute_matches(TWO, {3: cross, 5: square})['position'] is False
+  assert se.attribute_matches(TWO, {3: cross, 5: square})['colour'] is True
+  missing = se.attribute_matches(TWO, {3: square})
+  assert not any(missing[a] for a in ('colour', 'shape', 'size', 'count', 'position'))
+  assert se.attribute_matches(ONE, {0: ('circle', 'red', 'large')}) == {
+      'colour': True, 'shape': True, 'size': False, 'count': True, 'position': True}
+  assert se.attribute_matches(ONE, {4: ('circle', 'red', 'small')})['position'] is False
 
 
 def test_cells_are_cut_in_position_order():

@@ -96,17 +96,20 @@ def markdown(eval_config, metrics: dict) -> str:
   lines = ['# Evaluation', '', _about_prompts_and_fd(metrics)]
   if prompt_key == 'fidelity':
     lines[-1] += (' Fidelity: the fraction of images that show their prompt (real images: '
-                  f'{real_prompt:.3f}).')
+                  f'{real_prompt:.3f}); colour, shape, size, count, position: the fraction '
+                  'that show that attribute as the prompt says.')
   elif prompt_key == 'clip_score' and real_prompt is not None:
     lines[-1] += f' CLIP score of real images: {real_prompt:.2f}.'
-  header = ['model', 'solver', 'NFE'] + (['FD'] if fd else []) + (
-      [prompt_key] if prompt_key else []) + ['straightness', 's / image', 'compile s']
+  prompt_keys = _prompt_columns(prompt_key, first)
+  header = ['model', 'solver', 'NFE'] + (['FD'] if fd else []) + [
+      key.replace('fidelity_', '') for key in prompt_keys] + [
+          'straightness', 's / image', 'compile s']
   lines += ['', '| ' + ' | '.join(header) + ' |', '|---|---|' + '---:|' * (len(header) - 2)]
   for model, results in metrics['models'].items():
     for name, r in results.items():
       cells = [eval_config.labels[model], 'Dopri5' if name == 'dopri5' else f'Euler {name}',
                f"{r['nfe']:.1f}"] + ([f"{r['fd']:.3f}"] if fd else [])
-      cells += [f'{r[prompt_key]:.3f}'] if prompt_key else []
+      cells += [f'{r[key]:.3f}' for key in prompt_keys]
       cells += [f"{r['straightness']:.4f}" if 'straightness' in r else '-',
                 f"{r['seconds_per_image']:.4f}", f"{r['compile_seconds']:.1f}"]
       lines.append('| ' + ' | '.join(cells) + ' |')
@@ -120,6 +123,13 @@ def markdown(eval_config, metrics: dict) -> str:
   if fd:
     lines += [f'![FD vs steps]({FD_VS_STEPS_FILE}) ![FD vs seconds]({FD_VS_SECONDS_FILE})', '']
   return '\n'.join(lines)
+
+
+def _prompt_columns(prompt_key, measured: dict) -> list:
+  """The table's prompt measures: fidelity and its attributes, or the CLIP score, or none."""
+  if prompt_key is None:
+    return []
+  return [prompt_key] + [k for k in measured if k.startswith(prompt_key + '_')]
 
 
 def _about_prompts_and_fd(metrics: dict) -> str:

@@ -199,8 +199,48 @@ def matches_prompt(scene: shapes.Scene, seen: Mapping[int, tuple]) -> bool:
   return False
 
 
+# What prompt fidelity is also reported per: each attribute's own match (attribute_matches).
+FIDELITY_ATTRIBUTES = ('colour', 'shape', 'size', 'count', 'position')
+_SHAPE_ATTRIBUTES = ('shape', 'colour', 'size')  # the order of scene_of_cells' tuples
+
+
+def attribute_matches(scene: shapes.Scene, seen: Mapping[int, tuple]) -> dict:
+  """Per attribute of FIDELITY_ATTRIBUTES, whether the image shows what the caption says.
+
+  colour, shape, size: the values the image shows are those the caption names (as
+  multisets, so a missing or extra shape fails them too). count: the number of shapes.
+  position: one shape in the named cell; for two, exactly two shapes standing in the named
+  relation, the first being the one that agrees with the caption's first in most of its
+  other attributes (either, on a tie)."""
+  wanted = [tuple(getattr(s, name) for name in _SHAPE_ATTRIBUTES) for s in scene.shapes]
+  matches = {name: sorted(v[i] for v in seen.values()) == sorted(w[i] for w in wanted)
+             for i, name in enumerate(_SHAPE_ATTRIBUTES)}
+  matches['count'] = len(seen) == len(wanted)
+  matches['position'] = _position_matches(scene, seen, wanted)
+  return matches
+
+
+def _position_matches(scene: shapes.Scene, seen: Mapping[int, tuple], wanted: list) -> bool:
+  if len(seen) != len(wanted):
+    return False
+  if len(wanted) == 1:
+    return set(seen) == {shapes.POSITIONS.index(scene.shapes[0].position)}
+  agreement = lambda a, b: sum(x == y for x, y in zip(a, b))
+  (cell_a, a), (cell_b, b) = seen.items()
+  orders = {((cell_a, cell_b)): agreement(a, wanted[0]) + agreement(b, wanted[1]),
+            ((cell_b, cell_a)): agreement(b, wanted[0]) + agreement(a, wanted[1])}
+  best = max(orders.values())
+  return any(scene.relation in shapes.relations_between(shapes.POSITIONS[first],
+                                                        shapes.POSITIONS[second])
+             for (first, second), score in orders.items() if score == best)
+
+
 def prompt_fidelity(scenes: Sequence[shapes.Scene], cells: dict) -> dict:
-  """The fraction of images that show their prompt, and of those with the right count."""
-  matched = [matches_prompt(scene, scene_of_cells(cells, i)) for i, scene in enumerate(scenes)]
-  counted = [len(scene_of_cells(cells, i)) == len(scene.shapes) for i, scene in enumerate(scenes)]
-  return {'fidelity': float(np.mean(matched)), 'count_fidelity': float(np.mean(counted))}
+  """The fraction of images that show their prompt (`fidelity`), and of those that show
+  each attribute of FIDELITY_ATTRIBUTES as it says (`fidelity_<attribute>`)."""
+  seen = [scene_of_cells(cells, i) for i in range(len(scenes))]
+  matched = [matches_prompt(scene, s) for scene, s in zip(scenes, seen)]
+  per_attribute = [attribute_matches(scene, s) for scene, s in zip(scenes, seen)]
+  return {'fidelity': float(np.mean(matched)),
+          **{f'fidelity_{name}': float(np.mean([m[name] for m in per_attribute]))
+             for name in FIDELITY_ATTRIBUTES}}
