@@ -2,7 +2,7 @@ r"""Text to images from a diffusers folder or one of our training runs.
 
   python -m instaflow_jax.generate --model=PATH --prompt="a red circle" [--prompt=...] \
       [--prompts_file=FILE] [--steps=1] [--guidance=0] [--seed=0] [--batch_size=8] \
-      [--sampler=NAME] [--stage=NAME] [--params=ema|raw] --out=DIR
+      [--sampler=NAME] [--stage=NAME] [--params=ema|raw] [--lora=FILE --lora_scale=1] --out=DIR
 
 --model: a diffusers folder (model_index.json), or of ours a workdir (its latest finished
 stage of distill > reflow > rf, or --stage), a stage directory, its params/, or one of its
@@ -11,6 +11,9 @@ checkpoints/STEP directories (EMA params, or the raw ones with --params=raw).
 --sampler: 'euler' for a flow; 'dpm_solver++' or 'ddim' for a diffusion model (a folder
 whose model_index.json names StableDiffusionPipeline); default 'euler' for a flow,
 'dpm_solver++' for a diffusion model.
+--lora: a LoRA .safetensors file (or a folder holding pytorch_lora_weights.safetensors) in
+diffusers' or kohya's key style, merged into the U-Net (and the text encoder where it adapts
+it) at --lora_scale.
 
 Writes DIR/NNNN_<prompt>.png per prompt and DIR/grid.png, all at once when generation has
 succeeded (nothing is written on failure). Image i starts from the noise of image i of
@@ -57,6 +60,10 @@ _STAGE = flags.DEFINE_string('stage', '', 'The stage of a workdir (default: the 
                              'finished one).', flag_values=FLAGS)
 _PARAMS = flags.DEFINE_enum('params', 'ema', ['ema', 'raw'], 'Of a checkpoints/STEP '
                             'directory: the EMA or the raw params.', flag_values=FLAGS)
+_LORA = flags.DEFINE_string('lora', None, 'A LoRA file (diffusers or kohya keys) to merge.',
+                            flag_values=FLAGS)
+_LORA_SCALE = flags.DEFINE_float('lora_scale', 1.0, 'The scale of the --lora deltas.',
+                                 flag_values=FLAGS)
 flags.mark_flags_as_required(['model', 'out'], flag_values=FLAGS)
 
 GRID = 'grid.png'
@@ -126,6 +133,8 @@ def generate_from_flags() -> None:
   sampler = pipeline_lib.sampler_of(pipeline_lib.source_kind(source), _SAMPLER.value)
   with cli.staged_output(_OUT.value, into_existing=True) as staging:
     pipe = pipeline_lib.load_pipeline(source)
+    if _LORA.value:
+      pipe = pipe.with_lora(_LORA.value, _LORA_SCALE.value)
     images, timing = generate_images(pipe, prompts, steps=_STEPS.value,
                                      guidance=_GUIDANCE.value, seed=_SEED.value,
                                      batch_size=_BATCH_SIZE.value, sampler=sampler)

@@ -27,11 +27,13 @@ from instaflow_jax import sampling
 from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
+from instaflow_jax.convert import lora_files
 from instaflow_jax.data.tokenizer import tokenize
 from instaflow_jax.flow import diffusion
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
 from instaflow_jax.models import abstract
+from instaflow_jax.models import lora as lora_lib
 from instaflow_jax.models.pixel_space import IdentityAutoencoder
 from instaflow_jax.models.pixel_space import IdentityConfig
 from instaflow_jax.models.stacked_unet import StackedUNet
@@ -180,6 +182,19 @@ class Pipeline:
     pipe = cls.from_config(trained.model_config(), workdir=trained.workdir)
     return dataclasses.replace(pipe, unet_params=checkpoint.load_trained_params(
         trained, checkpoint.abstract_like(pipe.unet_params)))
+
+  def with_lora(self, lora_path: str, scale: float = 1.0) -> 'Pipeline':
+    """This pipeline with a LoRA file's deltas merged at `scale` into the U-Net, and into
+    the text encoder where the file adapts it (diffusers' load_lora_weights and
+    fuse_lora(lora_scale=scale)). The file's keys: diffusers' (peft) or kohya's
+    (convert/lora_files.py); a layer that fits none of ours is a ConversionError."""
+    trees = lora_files.read_lora(lora_path, {'unet': self.unet_params,
+                                             'text_encoder': self.text_encoder_params})
+    merged = lambda params, name: (lora_lib.merge(params, trees[name], scale)
+                                   if name in trees else params)
+    return dataclasses.replace(self, unet_params=merged(self.unet_params, 'unet'),
+                               text_encoder_params=merged(self.text_encoder_params,
+                                                          'text_encoder'))
 
   @property
   def vae_scale_factor(self) -> int:
