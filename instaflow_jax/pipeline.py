@@ -25,6 +25,7 @@ import numpy as np
 from instaflow_jax import checkpoint
 from instaflow_jax import sampling
 from instaflow_jax import text_side
+from instaflow_jax import trained_unet
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.convert import lora_files
@@ -178,10 +179,12 @@ class Pipeline:
   @classmethod
   def from_checkpoint(cls, trained: workdir_lib.TrainedParams) -> 'Pipeline':
     """The model that a stage's config.json describes, with the text side of its run and
-    the stage's trained U-Net params (`trained` comes from workdir.find_trained_params)."""
-    pipe = cls.from_config(trained.model_config(), workdir=trained.workdir)
-    return dataclasses.replace(pipe, unet_params=checkpoint.load_trained_params(
-        trained, checkpoint.abstract_like(pipe.unet_params)))
+    the stage's trained U-Net params (`trained` comes from workdir.find_trained_params;
+    a LoRA stage's LoRA comes merged, see trained_unet.py)."""
+    pipe = cls.from_config(trained.model_config(), seed=trained.stage_config().get('seed', 0),
+                           workdir=trained.workdir)
+    return dataclasses.replace(pipe, unet_params=trained_unet.load(
+        trained, checkpoint.abstract_like(pipe.unet_params), pipe.unet_params))
 
   def with_lora(self, lora_path: str, scale: float = 1.0) -> 'Pipeline':
     """This pipeline with a LoRA file's deltas merged at `scale` into the U-Net, and into

@@ -1,0 +1,108 @@
+"""LoRA training (model.lora) on configs/shapes.py:quick: a LoRA reflow from the quick chain's
+1-RF, then a LoRA distill from it. The checkpoints hold the LoRA alone, a resumed run ends
+where an uninterrupted one does, and the stages' U-Nets read back merged."""
+import os
+import shutil
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from instaflow_jax import checkpoint
+from instaflow_jax import convert_cli
+from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import stages
+from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.convert import lora_files
+from instaflow_jax.models import lora as lora_lib
+from tests.test_main import quick_config
+
+pytestmark = pytest.mark.slow  # runs the quick chain
+
+
+def _lora_config(tfds_dir, *stage_names):
+  config = quick_config(tfds_dir, *stage_names)
+  config.model.lora.stages = ('reflow', 'distill')
+  return config
+
+
+def _copy(quick_chain, workdir, names=('text', 'rf', 'pairs')):
+  for name in names:
+    shutil.copytree(os.path.join(quick_chain, name), os.path.join(workdir, name))
+
+
+def _size(path) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+             for f in files)
+
+
+def _unet(workdir, stage):
+  trained = workdir_lib.find_trained_params(workdir, stage=stage)
+  return pipeline_lib.Pipeline.from_checkpoint(trained).unet_params
+
+
+@pytest.fixture(scope='module')
+def lora_run(quick_chain, tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('lora_run'))
+  _copy(quick_chain, workdir)
+  stages.run_all(_lora_config(tfds_dir, 'reflow', 'distill'), workdir)
+  return workdir
+
+
+def test_checkpoints_hold_the_lora_alone(lora_run, quick_chain):
+  for stage in ('reflow', 'distill'):
+    stage_dir = os.path.join(lora_run, stage)
+    names = {path[-1] for path in flax.traverse_util.flatten_dict(
+        checkpoint._tree_metadata(os.path.join(stage_dir, workdir_lib.FINAL_PARAMS)))}
+    assert names == {lora_lib.DOWN, lora_lib.UP}, (stage, names)
+    lora_checkpoint = _size(os.path.join(stage_dir, 'checkpoints', '20'))
+    full_checkpoint = _size(os.path.join(quick_chain, stage, 'checkpoints', '20'))
+    print(f'{stage}: LoRA checkpoint {lora_checkpoint} bytes, whole U-Net {full_checkpoint}')
+    assert lora_checkpoint < full_checkpoint / 4, (stage, lora_checkpoint, full_checkpoint)
+
+
+def test_stages_read_back_merged_onto_their_init(lora_run, quick_chain):
+  rf, reflow, distill = (_unet(lora_run, stage) for stage in ('rf', 'reflow', 'distill'))
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), rf, reflow)
+  flat = flax.traverse_util.flatten_dict(changed)
+  adapted = {path for path, differs in flat.items() if differs}
+  assert adapted and all(path[-2] in ('to_q', 'to_k', 'to_v', 'to_out_0') and path[-1] == 'kernel'
+                         for path in adapted), 'only the adapted kernels may change'
+  assert any(np.any(np.asarray(a) != np.asarray(b))
+             for a, b in zip(jax.tree.leaves(reflow), jax.tree.leaves(distill)))
+  images = pipeline_lib.load_pipeline(workdir_lib.find_trained_params(lora_run)).generate(
+      ['a red circle'], seed=0)
+  assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_resume_is_exact(lora_run, quick_chain, tfds_dir, tmp_path):
+  """A LoRA reflow stopped after its checkpoint at step 10 ends where the run that did not
+  stop ended."""
+  workdir = str(tmp_path / 'resumed')
+  _copy(quick_chain, workdir)
+  stage_dir = os.path.join(workdir, 'reflow')
+  shutil.copytree(os.path.join(lora_run, 'reflow'), stage_dir)
+  os.remove(os.path.join(stage_dir, workdir_lib.DONE_FILE))
+  shutil.rmtree(os.path.join(stage_dir, workdir_lib.FINAL_PARAMS))
+  shutil.rmtree(os.path.join(stage_dir, 'checkpoints', '20'))
+  stages.run_all(_lora_config(tfds_dir, 'reflow'), workdir)
+  for a, b in zip(jax.tree.leaves(_unet(workdir, 'reflow')), jax.tree.leaves(_unet(lora_run, 'reflow'))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_and_merge(lora_run, tmp_path):
+  """convert writes a LoRA stage as diffusers' LoRA file, which reads back to the stage's
+  merged U-Net; --merge_lora is refused for the pixel-space toy, which has no diffusers
+  folder to write."""
+  out = str(tmp_path / 'lora')
+  convert_cli.convert(os.path.join(lora_run, 'reflow'), out)
+  pipe = pipeline_lib.Pipeline.from_checkpoint(
+      workdir_lib.find_trained_params(lora_run, stage='rf'))
+  again = pipe.with_lora(out, 1.0).unet_params
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(_unet(lora_run, 'reflow'))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  assert os.listdir(out) == [lora_files.WEIGHTS_NAME]
+  with pytest.raises(ValueError, match='the embedded model is pixel space'):
+    convert_cli.convert(os.path.join(lora_run, 'reflow'), str(tmp_path / 'merged'),
+                        merge_lora=True)
