@@ -78,7 +78,8 @@ def lora_to_file(trained: workdir_lib.TrainedParams, out: str) -> str:
   with cli.staged_output(out) as staging:
     lora_files.write_lora(
         os.path.join(staging, lora_files.WEIGHTS_NAME), lora,
-        lora_files.kernel_shapes(abstract_params, lora_lib.layers_of(lora)), lora_config.alpha)
+        lora_files.kernel_shapes(abstract_params, lora_lib.layers_of(lora)),
+        trained_unet.lora_scale(lora_config))
   return (f'wrote the LoRA of {trained.params_path} to '
           f'{os.path.join(os.path.abspath(out), lora_files.WEIGHTS_NAME)}')
 

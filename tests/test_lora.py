@@ -163,7 +163,8 @@ def test_exported_lora_loads_in_diffusers(sd_folder, ours, latents, tmp_path):
   out.mkdir()
   path = str(out / lora_files.WEIGHTS_NAME)
   lora_files.write_lora(path, lora, lora_files.kernel_shapes(ours.unet_params,
-                                                             lora_lib.layers_of(lora)), alpha)
+                                                             lora_lib.layers_of(lora)),
+                        alpha / lora_lib.rank_of(lora))
   import dataclasses
   merged = dataclasses.replace(
       ours, unet_params=lora_lib.merge(ours.unet_params, lora, alpha / lora_lib.rank_of(lora)))

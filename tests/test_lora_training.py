@@ -106,3 +106,42 @@ def test_export_and_merge(lora_run, tmp_path):
   with pytest.raises(ValueError, match='the embedded model is pixel space'):
     convert_cli.convert(os.path.join(lora_run, 'reflow'), str(tmp_path / 'merged'),
                         merge_lora=True)
+
+
+def test_lora_of_a_diffusers_model_exports_to_diffusers(tfds_dir, tmp_path):
+  """A LoRA rf on a tiny diffusers folder (its U-Net the base, init ''): the LoRA file that
+  convert writes, loaded by diffusers onto the folder's U-Net, computes what the folder that
+  --merge_lora writes does, and that folder's U-Net is the stage's merged one."""
+  import torch
+  from diffusers import UNet2DConditionModel
+  from configs import sd15_rf
+  from tests import tiny_models
+  folder = str(tmp_path / 'tiny_sd')
+  tiny_models.write_tiny_pipeline(folder)
+  config = sd15_rf.get_config(folder)
+  config.data.update(dict(name='captioned_shapes/size16', data_dir=tfds_dir,
+                          train_split='train[:64]', eval_split='validation',
+                          caption_key='caption', image_size=16))
+  config.rf.update(dict(steps=4, batch_size=4, log_every=2, checkpoint_every=2, sample_every=4,
+                        num_samples=2, sample_steps=2, optimizer=dict(lr=1e-2, warmup_steps=1)))
+  config.model.lora.update(dict(stages=('rf',), rank=2, alpha=4.0))
+  workdir = str(tmp_path / 'work')
+  stages.run_all(config, workdir)
+  lora_out, merged_out = str(tmp_path / 'lora'), str(tmp_path / 'merged')
+  convert_cli.convert(workdir, lora_out)
+  convert_cli.convert(workdir, merged_out, merge_lora=True)
+
+  ours = pipeline_lib.Pipeline.from_checkpoint(workdir_lib.find_trained_params(workdir))
+  exported = pipeline_lib.Pipeline.from_diffusers(merged_out)
+  for a, b in zip(jax.tree.leaves(ours.unet_params), jax.tree.leaves(exported.unet_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with torch.no_grad():
+    with_lora = UNet2DConditionModel.from_pretrained(os.path.join(folder, 'unet'))
+    with_lora.load_lora_adapter(os.path.join(lora_out, lora_files.WEIGHTS_NAME), prefix='unet')
+    merged = UNet2DConditionModel.from_pretrained(os.path.join(merged_out, 'unet'))
+    base = UNet2DConditionModel.from_pretrained(os.path.join(folder, 'unet'))
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
+    out = with_lora(x, 500.0, encoder_hidden_states=text).sample
+    want = merged(x, 500.0, encoder_hidden_states=text).sample
+    assert (want - base(x, 500.0, encoder_hidden_states=text).sample).abs().max() > 1e-3
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)

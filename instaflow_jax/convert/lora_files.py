@@ -12,7 +12,7 @@ Two key styles are read from a `.safetensors` file:
 which is our params path by the rename rule of convert/torch_names.py. Each layer's
 scaling is folded into `up` on reading, so a read LoRA merges with the user's scale alone.
 Files are written in the diffusers style, with the metadata that diffusers'
-load_lora_weights reads.
+load_lora_weights reads, the scaling folded into lora_B.
 """
 import json
 import math
@@ -181,21 +181,25 @@ def _to_torch(down: np.ndarray, up: np.ndarray, kernel_shape: tuple) -> Tuple[np
   return down.T, up.T
 
 
-def write_lora(path: str, lora, kernel_shapes: Mapping[Tuple[str, ...], tuple], alpha: float,
+def write_lora(path: str, lora, kernel_shapes: Mapping[Tuple[str, ...], tuple], scale: float = 1.0,
                component: str = 'unet') -> None:
-  """Writes a LoRA of `component` as diffusers' save_lora_weights does (peft keys, its
-  rank, alpha and modules in the metadata), for load_lora_weights. `kernel_shapes`:
-  {module path: kernel shape} of the adapted layers."""
+  """Writes a LoRA of `component` as diffusers' save_lora_weights does (peft keys, with the
+  rank and modules in the metadata), for load_lora_weights. `scale` (a trained LoRA's
+  alpha / rank) is folded into lora_B and lora_alpha is the rank: diffusers' loaders that
+  read the metadata and those that do not (load_lora_adapter of a file) then agree.
+  `kernel_shapes`: {module path: kernel shape} of the adapted layers."""
   state, names = {}, []
   for module, layer in sorted(lora_lib.layers_of(lora).items()):
     name = module_name(module)
     names.append(name)
     lora_a, lora_b = _to_torch(np.asarray(layer[lora_lib.DOWN], np.float32),
-                               np.asarray(layer[lora_lib.UP], np.float32), kernel_shapes[module])
+                               scale * np.asarray(layer[lora_lib.UP], np.float32),
+                               kernel_shapes[module])
     prefix = PEFT_PREFIXES[component] + name
     state[f'{prefix}.lora_A.weight'] = np.ascontiguousarray(lora_a)
     state[f'{prefix}.lora_B.weight'] = np.ascontiguousarray(lora_b)
-  metadata = {f'{component}.r': lora_lib.rank_of(lora), f'{component}.lora_alpha': alpha,
+  rank = lora_lib.rank_of(lora)
+  metadata = {f'{component}.r': rank, f'{component}.lora_alpha': rank,
               f'{component}.target_modules': names}
   tmp = path + '.tmp'
   safetensors.numpy.save_file(state, tmp, metadata={
