@@ -58,7 +58,7 @@ def main():
   print('| 2-RF / 1-RF | ' + ' | '.join(f'{errors["reflow", n] / errors["rf", n]:.2f}'
                                         for n in STEPS) + ' |')
   if args.picture:
-    image_io.save_png(args.picture, image_io.labelled_rows(rows, upscale=3, label_width=110))
+    image_io.save_png(args.picture, image_io.labelled_rows(rows, upscale=2, label_width=90))
     print(f'wrote {args.picture}')
 
 

@@ -231,3 +231,23 @@ def test_generate_command_refuses_a_lora_of_another_model(sd_folder, lora_dir, t
   message = str(e.value.code)
   assert message.startswith(f'error: {path}: LoRA layer ') and '\n' not in message
   assert 'matches no layer of this model' in message and not out.exists()
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('stages', ('pairs',), "config.model.lora.stages names 'pairs', which is no training stage"),
+    ('rank', 0, 'config.model.lora.rank = 0: must be a whole number >= 1'),
+    ('alpha', -1.0, 'config.model.lora.alpha = -1.0: must be a finite number > 0'),
+    ('target_modules', (), 'config.model.lora.target_modules is empty')])
+def test_bad_lora_config_is_named(field, value, message):
+  from configs import shapes
+  from instaflow_jax import config_checks
+  config = shapes.get_config('quick')
+  config.model.lora.stages = ('reflow',)
+  config.model.lora[field] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_checks.check_config(config)
+
+
+def test_target_modules_that_name_no_layer(ours):
+  with pytest.raises(ValueError, match=r"model.lora.target_modules = \('to_x',\) names no layer"):
+    lora_lib.init_lora(ours.unet_params, ('to_x',), 4, jax.random.key(0))
