@@ -152,6 +152,16 @@ def test_kohya_keys_load_as_the_diffusers_file(sd_folder, lora_dir, ours, latent
   # diffusers reads kohya's keys too, to the same images.
   np.testing.assert_allclose(from_kohya, _diffusers_images(sd_folder, kohya, 0.5, latents, True),
                              atol=PIXEL_TOLERANCE, rtol=0)
+  # The 1x1 convolutions' LoRA stored as a Linear's, as for SD 2's linear projections.
+  state = safetensors.numpy.load_file(kohya)
+  flat = {k: (v[:, :, 0, 0] if v.ndim == 4 and v.shape[2:] == (1, 1) else v)
+          for k, v in state.items()}
+  assert any(v.ndim == 4 for v in state.values())
+  safetensors.numpy.save_file(flat, str(tmp_path / 'flat.safetensors'))
+  networks = {'unet': ours.unet_params, 'text_encoder': ours.text_encoder_params}
+  jax.tree.map(np.testing.assert_array_equal,
+               lora_files.read_lora(str(tmp_path / 'flat.safetensors'), networks),
+               lora_files.read_lora(kohya, networks))
 
 
 def test_exported_lora_loads_in_diffusers(sd_folder, ours, latents, tmp_path):

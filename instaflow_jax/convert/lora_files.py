@@ -131,6 +131,9 @@ def _to_ours(path: str, name: str, layer: dict, kernel_shape: tuple) -> Tuple[np
                           f'rank {rank} and its up weight {up.shape[1:2]} (shapes {down.shape}, '
                           f'{up.shape}); the file is damaged')
   conv = len(kernel_shape) == 4
+  if conv and kernel_shape[:2] == (1, 1) and down.ndim == up.ndim == 2:
+    # A 1x1 convolution's LoRA stored as a Linear's (SD 2's linear projections).
+    down, up = down[:, :, None, None], up[:, :, None, None]
   out, fan_in_shape = kernel_shape[-1], (
       (kernel_shape[2], kernel_shape[0], kernel_shape[1]) if conv else (kernel_shape[0],))
   want_down, want_up = (rank,) + fan_in_shape, (out, rank) + ((1, 1) if conv else ())
