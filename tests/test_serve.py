@@ -2,7 +2,7 @@
 HTTP API, and the page in a headless browser (Debian's chromium), whose screenshot must
 show the image the API gives.
 
-  python -m tests.test_serve MODEL PROMPT OUT.png   # the screenshot of docs/serve_demo.png
+  python -m tests.test_serve MODEL PROMPT STEPS OUT.png   # the screenshot of docs/serve_demo.png
 """
 import base64
 import io
@@ -140,11 +140,12 @@ def test_unknown_model_is_one_line(tmp_path):
 
 
 if __name__ == '__main__':
-  model, prompt, out = sys.argv[1:4]
+  model, prompt, steps, out = sys.argv[1:5]
   running = Server(model)
   try:
     size = decode_image(running.post({'prompt': prompt})[1]['image']).shape[0]
-    screenshot(running.url + '?' + urllib.parse.urlencode({'prompt': prompt}), out)
+    screenshot(running.url + '?' + urllib.parse.urlencode({'prompt': prompt, 'steps': steps}),
+               out)
   finally:
     running.close()
   print(f'wrote {out} ({size}x{size} image shown)')
