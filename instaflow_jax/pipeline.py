@@ -258,7 +258,8 @@ class Pipeline:
     or their images."""
     latents = jnp.asarray(latents, jnp.float32)
     if latents.shape[0] != len(prompts):
-      raise ValueError(f'latents have batch {latents.shape[0]} but there are {len(prompts)} prompts')
+      raise ValueError(f'latents have batch {latents.shape[0]} but there are {len(prompts)} '
+                       'prompts')
     inputs = (self.modules, self.params, *self._token_ids(prompts, guidance_scale,
                                                           negative_prompts),
               latents, jnp.float32(guidance_scale), solver)

@@ -119,12 +119,14 @@ def _scaling(name: str, layer: dict, rank: int, metadata: dict, component: str) 
   return alpha / (math.sqrt(rank) if config.get('use_rslora') else rank)
 
 
-def _to_ours(path: str, name: str, layer: dict, kernel_shape: tuple) -> Tuple[np.ndarray, np.ndarray]:
+def _to_ours(path: str, name: str, layer: dict,
+             kernel_shape: tuple) -> Tuple[np.ndarray, np.ndarray]:
   """(down [fan_in, rank], up [rank, out]) of a file's torch-layout pair, checked."""
   if lora_lib.DOWN not in layer or lora_lib.UP not in layer:
     missing = 'down (lora_A / lora_down)' if lora_lib.DOWN not in layer else 'up (lora_B / lora_up)'
     raise ConversionError(f'{path}: LoRA layer {name!r} has no {missing} weight')
-  down, up = np.asarray(layer[lora_lib.DOWN], np.float32), np.asarray(layer[lora_lib.UP], np.float32)
+  down = np.asarray(layer[lora_lib.DOWN], np.float32)
+  up = np.asarray(layer[lora_lib.UP], np.float32)
   rank = down.shape[0]
   if up.ndim < 2 or up.shape[1] != rank:
     raise ConversionError(f'{path}: LoRA layer {name!r}: rank mismatch, its down weight has '
@@ -174,7 +176,8 @@ def read_lora(lora_path: str, networks: Mapping[str, object]) -> Dict[str, dict]
   return trees
 
 
-def _to_torch(down: np.ndarray, up: np.ndarray, kernel_shape: tuple) -> Tuple[np.ndarray, np.ndarray]:
+def _to_torch(down: np.ndarray, up: np.ndarray,
+              kernel_shape: tuple) -> Tuple[np.ndarray, np.ndarray]:
   """(lora_A, lora_B) in torch layout of one of our layers."""
   rank = down.shape[1]
   if len(kernel_shape) == 4:

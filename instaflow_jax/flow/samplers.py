@@ -41,7 +41,8 @@ def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array, num_steps: i
 
   def step(i, carry):
     x, squares = carry
-    v = velocity_fn(x, start + (end - start) * i.astype(jnp.float32) / num_steps).astype(x.dtype)
+    s = start + (end - start) * i.astype(jnp.float32) / num_steps
+    v = velocity_fn(x, s).astype(x.dtype)
     return x + dt * v, squares + per_example(v)
 
   carry = (x0, jnp.zeros((x0.shape[0],), jnp.float32))
@@ -52,7 +53,7 @@ def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array, num_steps: i
   else:
     x1, squares = jax.lax.fori_loop(0, num_steps, step, carry)
   # A variance: clipped at 0 against rounding (one step gives exactly 0).
-  return x1, jnp.maximum(squares / num_steps - per_example(x1 - x0), 0.0)
+  return x1, jnp.maximum(squares / num_steps - per_example((x1 - x0) / (end - start)), 0.0)
 
 
 def guided_network(apply_fn: Callable, text_embeds: jax.Array,
