@@ -23,8 +23,9 @@ Writes DIR/NNNN_<prompt>.png per prompt and DIR/grid.png, all at once when gener
 succeeded (nothing is written on failure). Image i starts from the noise of image i of
 Pipeline.generate(all prompts, seed=SEED), whatever --batch_size.
 Bad input (a missing file, a model path of no known kind, a --sampler that does not fit
-the model, an unwritable --out) stops the
-run before any compute with one line `error: ...` and exit status 1 (cli.py).
+the model, an unwritable --out, an --init_image that is no image, a --lora whose layers
+do not fit the model) stops the run with one line `error: ...` and exit status 1 (cli.py),
+before any compute but the LoRA's check, which reads the model's weights first.
 """
 import dataclasses
 import functools
