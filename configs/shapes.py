@@ -61,9 +61,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       text_seed=1234,               # the frozen random text encoder's weights
       # LoRA training: the training stages named in `stages` (e.g. ('reflow', 'distill'))
       # train a LoRA of `rank` on the layers named in `target_modules` (the last part of a
-      # params path: 'to_q', 'to_out_0', 'proj_in', 'ff'-s 'net_2', ...) instead of the
-      # whole U-Net; the train state, the checkpoints and the stage's params/ then hold
-      # the LoRA alone, merged onto the stage's init wherever the stage's U-Net is read.
+      # params path: 'to_q', 'to_out_0', 'proj_in', the feed-forward's 'net_2', ...)
+      # instead of the whole U-Net; the train state, the checkpoints and the stage's
+      # params/ then hold the LoRA alone, merged onto the stage's init wherever the stage's
+      # U-Net is read.
       # The deltas are scaled by alpha / rank, as peft does.
       lora=dict(stages=(), rank=4, alpha=4.0,
                 target_modules=('to_q', 'to_k', 'to_v', 'to_out_0')),

@@ -99,6 +99,19 @@ def test_resume_is_exact(lora_run, quick_chain, tfds_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _unet(workdir, 'reflow'), _unet(lora_run, 'reflow'))
 
 
+def test_resume_with_another_rank_is_refused(lora_run, quick_chain, tfds_dir, tmp_path):
+  workdir = str(tmp_path / 'other_rank')
+  _copy(quick_chain, workdir)
+  stage_dir = os.path.join(workdir, 'reflow')
+  shutil.copytree(os.path.join(lora_run, 'reflow'), stage_dir)
+  os.remove(os.path.join(stage_dir, workdir_lib.DONE_FILE))
+  config = _lora_config(tfds_dir, 'reflow')
+  config.model.lora.rank = 8
+  with pytest.raises(checkpoint.CheckpointError, match=r'checkpoints/10 does not fit the model '
+                     r'config: .*down.* shape'):
+    stages.run_all(config, workdir)
+
+
 def test_export_and_merge(lora_run, tmp_path):
   """convert writes a LoRA stage as diffusers' LoRA file, which reads back to the stage's
   merged U-Net; --merge_lora is refused for the pixel-space toy, which has no diffusers
