@@ -135,16 +135,10 @@ def test_lora_of_a_diffusers_model_exports_to_diffusers(tfds_dir, tmp_path):
   --merge_lora writes does, and that folder's U-Net is the stage's merged one."""
   import torch
   from diffusers import UNet2DConditionModel
-  from configs import sd15_rf
-  from tests import tiny_models
+  from tests.test_stages import tiny_sd_rf_config
   folder = str(tmp_path / 'tiny_sd')
-  tiny_models.write_tiny_pipeline(folder)
-  config = sd15_rf.get_config(folder)
-  config.data.update(dict(name='captioned_shapes/size16', data_dir=tfds_dir,
-                          train_split='train[:64]', eval_split='validation',
-                          caption_key='caption', image_size=16))
-  config.rf.update(dict(steps=4, batch_size=4, log_every=2, checkpoint_every=2, sample_every=4,
-                        num_samples=2, sample_steps=2, optimizer=dict(lr=1e-2, warmup_steps=1)))
+  config = tiny_sd_rf_config(folder, tfds_dir)
+  config.rf.optimizer.update(dict(lr=1e-2, warmup_steps=1))
   config.model.lora.update(dict(stages=('rf',), rank=2, alpha=4.0))
   workdir = str(tmp_path / 'work')
   stages.run_all(config, workdir)
