@@ -236,7 +236,7 @@ class Pipeline:
     if self.kind == 'flow':
       return samplers.Solver(sampler, num_steps, start=start, end=end)
     if (start, end) != (0.0, 1.0):
-      raise ValueError('inversion and image-to-image run a flow\'s ODE; this pipeline is a '
+      raise ValueError("inversion and image to image run a flow's ODE; this pipeline is a "
                        'diffusion model')
     return diffusion.DiffusionSolver(self.noise_schedule, sampler, num_steps)
 
