@@ -7,6 +7,7 @@ TEST_REQUIRES = [
     'torch',
     'torchvision',
     'diffusers>=0.35',
+    'peft==0.21.2',  # builds the LoRA that tests/test_lora.py loads
     'lpips',
     'pytorch-fid',
     'nbclient',

@@ -55,6 +55,9 @@ def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict
       autoencoder='vae',
       text_seed=0,
       max_length=77,
+      # LoRA training instead of the whole U-Net, for the stages named (configs/shapes.py).
+      lora=dict(stages=(), rank=16, alpha=16.0,
+                target_modules=('to_q', 'to_k', 'to_v', 'to_out_0')),
       text_encoder=ml_collections.ConfigDict(),
       unet=ml_collections.ConfigDict(),
   ))

@@ -59,6 +59,15 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       # stored once per run in WORKDIR/text, which every later stage, generate and eval read.
       vocabulary='',
       text_seed=1234,               # the frozen random text encoder's weights
+      # LoRA training: the training stages named in `stages` (e.g. ('reflow', 'distill'))
+      # train a LoRA of `rank` on the layers named in `target_modules` (the last part of a
+      # params path: 'to_q', 'to_out_0', 'proj_in', the feed-forward's 'net_2', ...)
+      # instead of the whole U-Net; the train state, the checkpoints and the stage's
+      # params/ then hold the LoRA alone, merged onto the stage's init wherever the stage's
+      # U-Net is read.
+      # The deltas are scaled by alpha / rank, as peft does.
+      lora=dict(stages=(), rank=4, alpha=4.0,
+                target_modules=('to_q', 'to_k', 'to_v', 'to_out_0')),
       max_length=16,
       text_encoder=dict(hidden_size=32 if quick else 64, intermediate_size=64 if quick else 128,
                         num_hidden_layers=1 if quick else 2, num_attention_heads=2 if quick else 4,

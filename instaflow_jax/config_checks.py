@@ -115,6 +115,23 @@ def stage_kind(config: ml_collections.ConfigDict, stage: str) -> str:
   return kind
 
 
+def _check_lora(config) -> None:
+  lora = config.model.get('lora')
+  if not lora or not lora.stages:
+    return
+  for stage in lora.stages:
+    if stage not in config or stage_kind(config, stage) not in TRAINING_STAGES:
+      raise ValueError(f'config.model.lora.stages names {stage!r}, which is no training stage '
+                       f'of this config; name stages of kind {", ".join(TRAINING_STAGES)}')
+  if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
+    raise ValueError(f'config.model.lora.rank = {lora.rank!r}: must be a whole number >= 1')
+  if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+    raise ValueError(f'config.model.lora.alpha = {lora.alpha!r}: must be a finite number > 0')
+  if not lora.target_modules:
+    raise ValueError('config.model.lora.target_modules is empty: name the layers to adapt, '
+                     "e.g. ('to_q', 'to_k', 'to_v', 'to_out_0')")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first field of `config` out of its range."""
   stages = tuple(config.stages)
@@ -130,3 +147,5 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_eval_steps(config)
   if 'data' in config and 'model' in config:
     _check_image_size(config)
+  if 'model' in config:
+    _check_lora(config)

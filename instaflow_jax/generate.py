@@ -2,7 +2,8 @@ r"""Text to images from a diffusers folder or one of our training runs.
 
   python -m instaflow_jax.generate --model=PATH --prompt="a red circle" [--prompt=...] \
       [--prompts_file=FILE] [--steps=1] [--guidance=0] [--seed=0] [--batch_size=8] \
-      [--sampler=NAME] [--stage=NAME] [--params=ema|raw] --out=DIR
+      [--sampler=NAME] [--stage=NAME] [--params=ema|raw] [--lora=FILE --lora_scale=1] \
+      [--init_image=FILE --strength=0.6] --out=DIR
 
 --model: a diffusers folder (model_index.json), or of ours a workdir (its latest finished
 stage of distill > reflow > rf, or --stage), a stage directory, its params/, or one of its
@@ -11,14 +12,22 @@ checkpoints/STEP directories (EMA params, or the raw ones with --params=raw).
 --sampler: 'euler' for a flow; 'dpm_solver++' or 'ddim' for a diffusion model (a folder
 whose model_index.json names StableDiffusionPipeline); default 'euler' for a flow,
 'dpm_solver++' for a diffusion model.
+--lora: a LoRA .safetensors file (or a folder holding pytorch_lora_weights.safetensors) in
+diffusers' or kohya's key style, merged into the U-Net (and the text encoder where it adapts
+it) at --lora_scale.
+--init_image: image to image (a flow): every prompt starts from this image (resized to the
+model's size) at --strength (1: its noise alone; near 0: the image kept), along the flow's
+path, with --steps steps from s = 1 - strength to 1.
 
 Writes DIR/NNNN_<prompt>.png per prompt and DIR/grid.png, all at once when generation has
 succeeded (nothing is written on failure). Image i starts from the noise of image i of
 Pipeline.generate(all prompts, seed=SEED), whatever --batch_size.
 Bad input (a missing file, a model path of no known kind, a --sampler that does not fit
-the model, an unwritable --out) stops the
-run before any compute with one line `error: ...` and exit status 1 (cli.py).
+the model, an unwritable --out, an --init_image that is no image, a --lora whose layers
+do not fit the model) stops the run with one line `error: ...` and exit status 1 (cli.py),
+before any compute but the LoRA's check, which reads the model's weights first.
 """
+import dataclasses
 import functools
 import os
 import re
@@ -33,11 +42,44 @@ from instaflow_jax import images as image_io
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
 
+@dataclasses.dataclass(frozen=True)
+class ModelFlags:
+  """The flags that name a model (--model, --stage, --params) and a LoRA merged into it
+  (--lora, --lora_scale), shared by the commands that generate."""
+  model: flags.FlagHolder
+  stage: flags.FlagHolder
+  params: flags.FlagHolder
+  lora: flags.FlagHolder
+  lora_scale: flags.FlagHolder
+
+  @classmethod
+  def define(cls, flag_values: flags.FlagValues) -> 'ModelFlags':
+    return cls(
+        model=flags.DEFINE_string('model', None, 'A diffusers folder, or a workdir, stage '
+                                  'directory, params/ or checkpoints/STEP directory of ours.',
+                                  flag_values=flag_values),
+        stage=flags.DEFINE_string('stage', '', 'The stage of a workdir (default: the latest '
+                                  'finished one).', flag_values=flag_values),
+        params=flags.DEFINE_enum('params', 'ema', ['ema', 'raw'], 'Of a checkpoints/STEP '
+                                 'directory: the EMA or the raw params.', flag_values=flag_values),
+        lora=flags.DEFINE_string('lora', None, 'A LoRA file (diffusers or kohya keys) to merge.',
+                                 flag_values=flag_values),
+        lora_scale=flags.DEFINE_float('lora_scale', 1.0, 'The scale of the --lora deltas.',
+                                      flag_values=flag_values))
+
+  def source(self) -> pipeline_lib.ModelSource:
+    """What --model names, checked without loading weights."""
+    return pipeline_lib.find_model(self.model.value, self.stage.value, self.params.value)
+
+  def load(self, source: pipeline_lib.ModelSource) -> pipeline_lib.Pipeline:
+    """The pipeline of `source`, with --lora merged."""
+    pipe = pipeline_lib.load_pipeline(source)
+    return pipe.with_lora(self.lora.value, self.lora_scale.value) if self.lora.value else pipe
+
+
 # Our own flag set, parsed by main: several entry points can share a process (tests).
 FLAGS = flags.FlagValues()
-_MODEL = flags.DEFINE_string('model', None, 'A diffusers folder, or a workdir, stage '
-                             'directory, params/ or checkpoints/STEP directory of ours.',
-                             flag_values=FLAGS)
+_MODEL = ModelFlags.define(FLAGS)
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt (repeat for several).',
                                     flag_values=FLAGS)
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file, one prompt per line.',
@@ -53,10 +95,11 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial noise.', flag_value
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per compiled call.', lower_bound=1,
                                    flag_values=FLAGS)
 _OUT = flags.DEFINE_string('out', None, 'Output directory.', flag_values=FLAGS)
-_STAGE = flags.DEFINE_string('stage', '', 'The stage of a workdir (default: the latest '
-                             'finished one).', flag_values=FLAGS)
-_PARAMS = flags.DEFINE_enum('params', 'ema', ['ema', 'raw'], 'Of a checkpoints/STEP '
-                            'directory: the EMA or the raw params.', flag_values=FLAGS)
+_INIT_IMAGE = flags.DEFINE_string('init_image', None, 'An image to start from (image to '
+                                  'image, a flow).', flag_values=FLAGS)
+_STRENGTH = flags.DEFINE_float('strength', 0.6, 'Of --init_image: how much of the flow is run '
+                               'again, in (0, 1].', lower_bound=0.0, upper_bound=1.0,
+                               flag_values=FLAGS)
 flags.mark_flags_as_required(['model', 'out'], flag_values=FLAGS)
 
 GRID = 'grid.png'
@@ -87,17 +130,21 @@ def padded_batches(prompts: Sequence[str], latents: np.ndarray, batch_size: int)
 
 
 def generate_images(pipe: pipeline_lib.Pipeline, prompts: Sequence[str], *, steps: int,
-                    guidance: float, seed: int, batch_size: int, sampler: str = None):
+                    guidance: float, seed: int, batch_size: int, sampler: str = None,
+                    init_image: np.ndarray = None, strength: float = 1.0):
   """(images [N, H, W, 3] in [0, 1], sampling.Timing). The noise of all N images is drawn
   at once, as Pipeline.generate draws it, then cut into batches. `sampler` as
-  Pipeline.generate's (None: the model's default)."""
+  Pipeline.generate's (None: the model's default); `init_image` [H, W, 3] in [0, 1], with
+  `strength`, the start of every image (Pipeline.generate's init_images)."""
   size = pipe.default_size
   latents = np.asarray(pipe.initial_latents(len(prompts), size, size, seed))
   batches = list(padded_batches(prompts, latents, min(batch_size, len(prompts))))
 
   def run(batch_prompts, batch_latents, count):
+    init = {} if init_image is None else dict(
+        init_images=np.repeat(init_image[None], len(batch_prompts), axis=0), strength=strength)
     return pipe.generate(batch_prompts, num_inference_steps=steps, guidance_scale=guidance,
-                         latents=batch_latents, sampler=sampler)[:count]
+                         latents=batch_latents, sampler=sampler, **init)[:count]
 
   def progress(index):
     done = sum(count for _, _, count in batches[:index + 1])
@@ -122,13 +169,24 @@ def write_images(folder: str, prompts: Sequence[str], images: np.ndarray) -> Non
 
 def generate_from_flags() -> None:
   prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
-  source = pipeline_lib.find_model(_MODEL.value, _STAGE.value, _PARAMS.value)
-  sampler = pipeline_lib.sampler_of(pipeline_lib.source_kind(source), _SAMPLER.value)
+  source = _MODEL.source()
+  kind = pipeline_lib.source_kind(source)
+  sampler = pipeline_lib.sampler_of(kind, _SAMPLER.value)
+  init_image = None
+  if _INIT_IMAGE.value:
+    init_image = image_io.read_image(_INIT_IMAGE.value)
+    if kind != 'flow':
+      raise ValueError(f"--init_image: image to image runs a flow's ODE; "
+                       f'{_MODEL.model.value} is a {kind} model')
+    if _STRENGTH.value == 0.0:
+      raise ValueError('--strength=0 keeps the image as it is; give a strength in (0, 1]')
   with cli.staged_output(_OUT.value, into_existing=True) as staging:
-    pipe = pipeline_lib.load_pipeline(source)
-    images, timing = generate_images(pipe, prompts, steps=_STEPS.value,
-                                     guidance=_GUIDANCE.value, seed=_SEED.value,
-                                     batch_size=_BATCH_SIZE.value, sampler=sampler)
+    pipe = _MODEL.load(source)
+    images, timing = generate_images(
+        pipe, prompts, steps=_STEPS.value, guidance=_GUIDANCE.value, seed=_SEED.value,
+        batch_size=_BATCH_SIZE.value, sampler=sampler, strength=_STRENGTH.value,
+        init_image=None if init_image is None else image_io.resized_pixels(
+            init_image, pipe.default_size))
     write_images(staging, prompts, images)
   print(f'wrote {len(prompts)} images and {GRID} to {_OUT.value}')
   print(f'compile: {timing.compile_s:.2f} s; generation: {1000 * timing.per_image_s:.1f} '

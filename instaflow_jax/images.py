@@ -61,3 +61,19 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
   tmp = path + '.tmp.png'
   Image.fromarray(pixels).save(tmp)
   os.replace(tmp, path)
+
+
+def read_image(path: str) -> Image.Image:
+  """An image file as RGB; ValueError naming the file when it is none that PIL reads."""
+  if not os.path.isfile(path):
+    raise OSError(f'{path}: file not found')
+  try:
+    with Image.open(path) as image:
+      return image.convert('RGB')
+  except (OSError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{path}: not an image ({e}); give a PNG or JPEG file') from None
+
+
+def resized_pixels(image: Image.Image, size: int) -> np.ndarray:
+  """An RGB image -> float32 [size, size, 3] in [0, 1] (bicubic resize)."""
+  return to_unit_range(np.asarray(image.resize((size, size), Image.BICUBIC)))

@@ -25,13 +25,16 @@ import numpy as np
 from instaflow_jax import checkpoint
 from instaflow_jax import sampling
 from instaflow_jax import text_side
+from instaflow_jax import trained_unet
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
+from instaflow_jax.convert import lora_files
 from instaflow_jax.data.tokenizer import tokenize
 from instaflow_jax.flow import diffusion
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
 from instaflow_jax.models import abstract
+from instaflow_jax.models import lora as lora_lib
 from instaflow_jax.models.pixel_space import IdentityAutoencoder
 from instaflow_jax.models.pixel_space import IdentityConfig
 from instaflow_jax.models.stacked_unet import StackedUNet
@@ -176,10 +179,25 @@ class Pipeline:
   @classmethod
   def from_checkpoint(cls, trained: workdir_lib.TrainedParams) -> 'Pipeline':
     """The model that a stage's config.json describes, with the text side of its run and
-    the stage's trained U-Net params (`trained` comes from workdir.find_trained_params)."""
-    pipe = cls.from_config(trained.model_config(), workdir=trained.workdir)
-    return dataclasses.replace(pipe, unet_params=checkpoint.load_trained_params(
-        trained, checkpoint.abstract_like(pipe.unet_params)))
+    the stage's trained U-Net params (`trained` comes from workdir.find_trained_params;
+    a LoRA stage's LoRA comes merged, see trained_unet.py)."""
+    pipe = cls.from_config(trained.model_config(), seed=trained.stage_config().get('seed', 0),
+                           workdir=trained.workdir)
+    return dataclasses.replace(pipe, unet_params=trained_unet.load(
+        trained, checkpoint.abstract_like(pipe.unet_params), pipe.unet_params))
+
+  def with_lora(self, lora_path: str, scale: float = 1.0) -> 'Pipeline':
+    """This pipeline with a LoRA file's deltas merged at `scale` into the U-Net, and into
+    the text encoder where the file adapts it (diffusers' load_lora_weights and
+    fuse_lora(lora_scale=scale)). The file's keys: diffusers' (peft) or kohya's
+    (convert/lora_files.py); a layer that fits none of ours is a ConversionError."""
+    trees = lora_files.read_lora(lora_path, {'unet': self.unet_params,
+                                             'text_encoder': self.text_encoder_params})
+    merged = lambda params, name: (lora_lib.merge(params, trees[name], scale)
+                                   if name in trees else params)
+    return dataclasses.replace(self, unet_params=merged(self.unet_params, 'unet'),
+                               text_encoder_params=merged(self.text_encoder_params,
+                                                          'text_encoder'))
 
   @property
   def vae_scale_factor(self) -> int:
@@ -210,18 +228,51 @@ class Pipeline:
              self.unet.config.in_channels)
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
-  def solver(self, sampler: Optional[str], num_steps: int) -> sampling.AnySolver:
-    """The solver of `sampler` (None: the kind's default) for this kind of model."""
+  def solver(self, sampler: Optional[str], num_steps: int,
+             start: float = 0.0, end: float = 1.0) -> sampling.AnySolver:
+    """The solver of `sampler` (None: the kind's default) for this kind of model; a flow's
+    integrates from s=start to end (0 to 1 unless inverting or starting from an image)."""
     sampler = sampler_of(self.kind, sampler)
     if self.kind == 'flow':
-      return samplers.Solver(sampler, num_steps)
+      return samplers.Solver(sampler, num_steps, start=start, end=end)
+    if (start, end) != (0.0, 1.0):
+      raise ValueError("inversion and image to image run a flow's ODE; this pipeline is a "
+                       'diffusion model')
     return diffusion.DiffusionSolver(self.noise_schedule, sampler, num_steps)
+
+  def _token_ids(self, prompts: list, guidance_scale: float,
+                 negative_prompts: Optional[Prompts]):
+    """(prompt ids, the unconditional branch's ids or None without guidance)."""
+    if not rectified_flow.uses_guidance(guidance_scale):
+      return self.tokenize(prompts), None
+    negative = [''] * len(prompts) if negative_prompts is None else _as_list(negative_prompts)
+    if len(negative) == 1 and len(prompts) > 1:
+      negative = negative * len(prompts)
+    if len(negative) != len(prompts):
+      raise ValueError(f'{len(negative)} negative prompts for {len(prompts)} prompts')
+    return self.tokenize(prompts), self.tokenize(negative)
+
+  def _solve(self, prompts: list, latents, guidance_scale: float, negative_prompts,
+             solver, decode: bool) -> np.ndarray:
+    """The ODE solve from `latents` (batch checked against the prompts): the final latents,
+    or their images."""
+    latents = jnp.asarray(latents, jnp.float32)
+    if latents.shape[0] != len(prompts):
+      raise ValueError(f'latents have batch {latents.shape[0]} but there are {len(prompts)} '
+                       'prompts')
+    inputs = (self.modules, self.params, *self._token_ids(prompts, guidance_scale,
+                                                          negative_prompts),
+              latents, jnp.float32(guidance_scale), solver)
+    if not decode:
+      return np.asarray(sampling.sample_latents(*inputs).x1, np.float32)
+    return np.asarray(sampling.sample_images(*inputs)[0], np.float32)
 
   def generate(self, prompts: Prompts, num_inference_steps: int = 1,
                guidance_scale: float = 0.0, negative_prompts: Optional[Prompts] = None,
                seed: int = 0, latents: Optional[np.ndarray] = None,
                height: Optional[int] = None, width: Optional[int] = None,
-               sampler: Optional[str] = None, output_type: str = 'np') -> np.ndarray:
+               sampler: Optional[str] = None, output_type: str = 'np',
+               init_images: Optional[np.ndarray] = None, strength: float = 1.0) -> np.ndarray:
     """Images float32 [B, H, W, 3] in [0, 1] (diffusers' output_type='np'), or with
     output_type='latent' the final latents, NHWC float32, before decoding.
 
@@ -229,32 +280,56 @@ class Pipeline:
     `seed`. Guidance is used only when guidance_scale > 1, with the negative prompts (or
     the empty prompt) as the unconditional branch. `sampler`: 'euler' for a flow;
     'dpm_solver++' (the default) or 'ddim' for a diffusion model.
+
+    Image to image (a flow): with `init_images` [B, H, W, 3] in [0, 1], the solve starts
+    at s = 1 - strength from the point s * X1 + (1 - s) * noise of the flow's path, X1
+    being the images' latents, and takes num_inference_steps steps to s = 1. strength 1
+    ignores the images; near 0 it keeps them.
     """
     if output_type not in ('np', 'latent'):
       raise ValueError(f"output_type {output_type!r} is unknown; use 'np' or 'latent' instead")
-    solver = self.solver(sampler, num_inference_steps)
     prompts = _as_list(prompts)
+    if init_images is not None:
+      height, width = np.shape(init_images)[1:3]
     if latents is None:
       latents = self.initial_latents(len(prompts), height or self.default_size,
                                      width or self.default_size, seed)
-    latents = jnp.asarray(latents, jnp.float32)
-    if latents.shape[0] != len(prompts):
-      raise ValueError(f'latents have batch {latents.shape[0]} but there are {len(prompts)} prompts')
-    guided = rectified_flow.uses_guidance(guidance_scale)
-    uncond_ids = None
-    if guided:
-      negative = [''] * len(prompts) if negative_prompts is None else _as_list(negative_prompts)
-      if len(negative) == 1 and len(prompts) > 1:
-        negative = negative * len(prompts)
-      if len(negative) != len(prompts):
-        raise ValueError(f'{len(negative)} negative prompts for {len(prompts)} prompts')
-      uncond_ids = self.tokenize(negative)
-    inputs = (self.modules, self.params, self.tokenize(prompts), uncond_ids, latents,
-              jnp.float32(guidance_scale), solver)
-    if output_type == 'latent':
-      return np.asarray(sampling.sample_latents(*inputs).x1, np.float32)
-    images, _ = sampling.sample_images(*inputs)
-    return np.asarray(images, np.float32)
+    start = 0.0
+    if init_images is not None:
+      if not 0.0 < strength <= 1.0:
+        raise ValueError(f'strength {strength!r}: must be in (0, 1]')
+      start = 1.0 - strength
+      latents = rectified_flow.interpolate(jnp.asarray(latents, jnp.float32),
+                                           self.encode(init_images), jnp.float32(start))
+    return self._solve(prompts, latents, guidance_scale, negative_prompts,
+                       self.solver(sampler, num_inference_steps, start=start),
+                       decode=output_type == 'np')
+
+  def encode(self, images: np.ndarray) -> jax.Array:
+    """Images [B, H, W, 3] in [0, 1] -> their latents (the autoencoder's posterior mean,
+    scaled), NHWC float32."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'images of shape {images.shape}: expected [batch, height, width, 3]')
+    return sampling.encode_to_latents(self.modules, self.params, jnp.asarray(images))
+
+  def invert(self, images: np.ndarray, prompts: Prompts, num_inference_steps: int = 1,
+             guidance_scale: float = 0.0, negative_prompts: Optional[Prompts] = None
+             ) -> np.ndarray:
+    """The noise that the flow maps to `images` ([B, H, W, 3] in [0, 1]) under `prompts`:
+    their latents carried back along the ODE from s=1 to 0 with num_inference_steps Euler
+    steps (with guidance as generate's). NHWC float32; generate(prompts, latents=noise)
+    with the same steps reconstructs the images, exactly so for a straight flow."""
+    return self._solve(_as_list(prompts), self.encode(images), guidance_scale,
+                       negative_prompts, self.solver(None, num_inference_steps, 1.0, 0.0),
+                       decode=False)
+
+  def edit(self, images: np.ndarray, source_prompts: Prompts, target_prompts: Prompts,
+           num_inference_steps: int = 1, guidance_scale: float = 0.0) -> np.ndarray:
+    """Images edited from what `source_prompts` describe to what `target_prompts` do: the
+    images' noise under the source prompts (invert), generated from under the targets."""
+    noise = self.invert(images, source_prompts, num_inference_steps, guidance_scale)
+    return self.generate(target_prompts, num_inference_steps, guidance_scale, latents=noise)
 
   @property
   def modules(self) -> sampling.PipelineModules:

@@ -36,6 +36,14 @@ def encode_images(modules: PipelineModules, params, images: jax.Array, rng: jax.
   return (mean + jnp.exp(0.5 * logvar) * noise) * modules.vae.config.scaling_factor
 
 
+@formulations.jit(static_argnums=0)
+def encode_to_latents(modules: PipelineModules, params, images: jax.Array) -> jax.Array:
+  """Images in [0, 1] -> scaled latents, the autoencoder's posterior mean (deterministic,
+  for inversion and image to image)."""
+  mean, _ = modules.vae.apply({'params': params['vae']}, images * 2.0 - 1.0, method='encode')
+  return mean.astype(jnp.float32) * modules.vae.config.scaling_factor
+
+
 def encode_text(modules: PipelineModules, params, token_ids: jax.Array) -> jax.Array:
   """The text encoder's last hidden state, which conditions the U-Net."""
   return modules.text_encoder.apply({'params': params['text']}, token_ids)[0]

@@ -130,8 +130,8 @@ class TrainedParams:
   params_path: str  # a final params/ directory, or a checkpoints/STEP directory
   state_key: str = ''  # for checkpoints/STEP: 'ema_params' or 'params' of the train state
 
-  def model_config(self) -> ml_collections.ConfigDict:
-    """The `model` section of the stage's config.json: what Pipeline.from_config builds."""
+  def stage_config(self) -> dict:
+    """The stage's config.json, as a dict."""
     if not os.path.isfile(self.config_path):
       raise FileNotFoundError(f'{self.config_path}: file not found')
     try:
@@ -140,7 +140,16 @@ class TrainedParams:
       raise ValueError(f'{self.config_path}: not valid JSON ({e})') from None
     if not isinstance(config.get('model'), dict):
       raise ValueError(f'{self.config_path}: no model section; not the config.json of a stage')
-    return ml_collections.ConfigDict(config['model'])
+    return config
+
+  def model_config(self) -> ml_collections.ConfigDict:
+    """The `model` section of the stage's config.json: what Pipeline.from_config builds."""
+    return ml_collections.ConfigDict(self.stage_config()['model'])
+
+  @property
+  def stage(self) -> str:
+    """The stage's name (its directory's)."""
+    return os.path.basename(os.path.dirname(os.path.abspath(self.config_path)))
 
   @property
   def workdir(self) -> str:

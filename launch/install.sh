@@ -10,6 +10,11 @@ PYTHON=${PYTHON:-python3}
 if ! command -v "${CXX:-c++}" >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -q g++ >/dev/null
 fi
+# A headless browser for the live page's test (tests/test_serve.py takes its screenshot).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q chromium >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+fi
 # torch and torchvision first, as a matched pair: other versions pull multi-GB CUDA builds,
 # and a torchvision that does not match torch breaks `import transformers`.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1

@@ -67,8 +67,8 @@ def error_of(*flags) -> str:
 
 def read_params(path, unet):
   """Params at `path` as a stage reads its `init` (an absolute path) for `unet`."""
-  return common.initial_unet_params(types.SimpleNamespace(unet=unet), '', str(path),
-                                        'rf.init')
+  return common.initial_unet_params(types.SimpleNamespace(unet=unet, unet_params=None), '',
+                                    str(path), 'rf.init')
 
 
 def assert_same_params(got, expected):

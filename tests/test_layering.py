@@ -20,18 +20,20 @@ LAYERS = (
     {'models', 'flow', 'data', 'evaluation'},
     # PyTorch / diffusers weights <-> ours
     {'convert'},
-    # inference: a model's networks and params, its text side, the jitted sampler
-    {'pipeline', 'text_side', 'sampling'},
+    # inference: a model's networks and params, a stage's trained U-Net (its LoRA merged),
+    # its text side, the jitted sampler
+    {'pipeline', 'trained_unet', 'text_side', 'sampling'},
     # the train state and loop
     {'training'},
     # the recipe's stages
     {'stages'},
     # command lines
-    {'cli', 'main', 'generate', 'convert_cli'},
+    {'cli', 'main', 'generate', 'convert_cli', 'serve'},
 )
 LAYER_OF = {unit: index for index, layer in enumerate(LAYERS) for unit in layer}
 # Inference (sampling, export) runs without the training code, directly or through others.
-INFERENCE = ('pipeline', 'text_side', 'sampling', 'generate', 'convert_cli')
+INFERENCE = ('pipeline', 'trained_unet', 'text_side', 'sampling', 'generate', 'convert_cli',
+             'serve')
 TRAINING = ('training', 'stages')
 
 

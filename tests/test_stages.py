@@ -109,19 +109,26 @@ def test_lpips_without_trunk_weights_fails_before_compute(quick_chain, tfds_dir,
   assert time.time() - started < 5
 
 
-def test_rf_fine_tunes_a_diffusers_pipeline_in_latent_space(tfds_dir, tmp_path):
-  """configs/sd15_rf.py on a tiny random SD-like folder: VAE latents, CLIP tokenizer, bf16
-  compute with float32 master weights, rematerialised U-Net blocks, guided sample grids."""
+def tiny_sd_rf_config(folder: str, tfds_dir: str):
+  """configs/sd15_rf.py on a tiny random SD-like folder written to `folder`, 4 steps on
+  16-pixel shapes."""
   from configs import sd15_rf
   from tests import tiny_models
-  folder = str(tmp_path / 'tiny_sd')
   tiny_models.write_tiny_pipeline(folder)
   config = sd15_rf.get_config(folder)
   config.data.update(dict(name='captioned_shapes/size16', data_dir=tfds_dir,
                           train_split='train[:64]', eval_split='validation',
                           caption_key='caption', image_size=16))
   config.rf.update(dict(steps=4, batch_size=4, log_every=2, checkpoint_every=2, sample_every=4,
-                        num_samples=2, sample_steps=2, sample_guidance=1.5))
+                        num_samples=2, sample_steps=2))
+  return config
+
+
+def test_rf_fine_tunes_a_diffusers_pipeline_in_latent_space(tfds_dir, tmp_path):
+  """configs/sd15_rf.py on a tiny random SD-like folder: VAE latents, CLIP tokenizer, bf16
+  compute with float32 master weights, rematerialised U-Net blocks, guided sample grids."""
+  config = tiny_sd_rf_config(str(tmp_path / 'tiny_sd'), tfds_dir)
+  config.rf.sample_guidance = 1.5
   stages.run_all(config, str(tmp_path / 'work'))
   stage_dir = str(tmp_path / 'work' / 'rf')
   assert workdir_lib.is_complete(stage_dir)

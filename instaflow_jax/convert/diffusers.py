@@ -109,7 +109,7 @@ def read_model_index(folder: str) -> dict:
   return read_json(path)
 
 
-def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(path)
   except Exception as e:  # safetensors raises its own error types for corrupt headers/data
@@ -122,12 +122,12 @@ def read_state_dict(component_dir: str, stem: str) -> Tuple[Dict[str, np.ndarray
   """The weights of one component and the file(s) they came from."""
   single = os.path.join(component_dir, f'{stem}.safetensors')
   if os.path.isfile(single):
-    return _read_safetensors(single), single
+    return read_safetensors(single), single
   index = os.path.join(component_dir, f'{stem}.safetensors.index.json')
   if os.path.isfile(index):
     state = {}
     for shard in sorted(set(read_json(index)['weight_map'].values())):
-      state.update(_read_safetensors(os.path.join(component_dir, shard)))
+      state.update(read_safetensors(os.path.join(component_dir, shard)))
     return state, index
   legacy = os.path.join(component_dir, f'{stem}.bin')
   if os.path.isfile(legacy):

@@ -23,8 +23,11 @@ def euler_sample(velocity_fn: VelocityFn, x0: jax.Array, num_steps: int,
 
 
 def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array, num_steps: int,
-                            unroll: bool = False) -> Tuple[jax.Array, jax.Array]:
-  """(x1, straightness per example) of the N-step Euler solution.
+                            unroll: bool = False, start: float = 0.0,
+                            end: float = 1.0) -> Tuple[jax.Array, jax.Array]:
+  """(x1, straightness per example) of the N-step Euler solution from s=start to s=end:
+  x += v(x, s_i) (end - start) / N at s_i = start + (end - start) i / N. From 1 to 0 it
+  runs the flow backwards, from an image to its noise (inversion).
 
   Straightness (Rectified Flow, Liu et al. 2022) is the mean over the steps of
   ||(X1 - X0) - v_i||^2, here averaged over the elements of x so that it does not grow
@@ -32,13 +35,14 @@ def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array, num_steps: i
   mean_i ||v_i||^2 - ||mean_i v_i||^2, accumulated along the way (XLA drops the sum
   where only x1 is used).
   """
-  dt = 1.0 / num_steps
+  dt = (end - start) / num_steps
   per_example = lambda a: jnp.mean(jnp.square(a.astype(jnp.float32)),
                                    axis=tuple(range(1, a.ndim)))
 
   def step(i, carry):
     x, squares = carry
-    v = velocity_fn(x, i.astype(jnp.float32) / num_steps).astype(x.dtype)
+    s = start + (end - start) * i.astype(jnp.float32) / num_steps
+    v = velocity_fn(x, s).astype(x.dtype)
     return x + dt * v, squares + per_example(v)
 
   carry = (x0, jnp.zeros((x0.shape[0],), jnp.float32))
@@ -49,7 +53,7 @@ def euler_with_straightness(velocity_fn: VelocityFn, x0: jax.Array, num_steps: i
   else:
     x1, squares = jax.lax.fori_loop(0, num_steps, step, carry)
   # A variance: clipped at 0 against rounding (one step gives exactly 0).
-  return x1, jnp.maximum(squares / num_steps - per_example(x1 - x0), 0.0)
+  return x1, jnp.maximum(squares / num_steps - per_example((x1 - x0) / (end - start)), 0.0)
 
 
 def guided_network(apply_fn: Callable, text_embeds: jax.Array,
@@ -84,12 +88,15 @@ def conditional_velocity(apply_fn: Callable, text_embeds: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class Solver:
-  """How to integrate the flow from s=0 to 1: Euler with `num_steps` steps, or adaptive
+  """How to integrate the flow from s=start to end (0 to 1: noise to image; 1 to 0: image
+  to noise; from 1 - strength: image to image): Euler with `num_steps` steps, or adaptive
   Dopri5 (diffrax) with tolerances rtol/atol. Hashable: a static argument under jit."""
   kind: str = 'euler'
   num_steps: int = 1
   rtol: float = 1e-5
   atol: float = 1e-5
+  start: float = 0.0
+  end: float = 1.0
 
   def __post_init__(self):
     if self.kind not in ('euler', 'dopri5'):
@@ -99,8 +106,10 @@ class Solver:
 
 
 def dopri5_sample(velocity_fn: VelocityFn, x0: jax.Array, rtol: float, atol: float,
-                  max_steps: int = 4096) -> Tuple[jax.Array, jax.Array]:
-  """Adaptive Dormand-Prince 5(4) from s=0 to 1; returns (x1, number of evaluations of v).
+                  max_steps: int = 4096, start: float = 0.0,
+                  end: float = 1.0) -> Tuple[jax.Array, jax.Array]:
+  """Adaptive Dormand-Prince 5(4) from s=start to end; returns (x at end, number of
+  evaluations of v).
 
   The whole batch is one ODE state, so it shares the step sizes. Dopri5 reuses its last
   stage (FSAL): 6 evaluations per step (accepted or rejected) plus the first one.
@@ -108,7 +117,7 @@ def dopri5_sample(velocity_fn: VelocityFn, x0: jax.Array, rtol: float, atol: flo
   import diffrax  # only this solver needs it
   term = diffrax.ODETerm(lambda s, x, args: velocity_fn(x, s).astype(x.dtype))
   solution = diffrax.diffeqsolve(
-      term, diffrax.Dopri5(), t0=0.0, t1=1.0, dt0=None, y0=x0,
+      term, diffrax.Dopri5(), t0=start, t1=end, dt0=None, y0=x0,
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
       saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
   return solution.ys[-1], 6 * solution.stats['num_steps'] + 1
@@ -123,9 +132,11 @@ class Solution(NamedTuple):
 
 
 def integrate(velocity_fn: VelocityFn, x0: jax.Array, solver: Solver) -> Solution:
-  """Solves the flow from s=0 to 1 with the given solver."""
+  """Solves the flow from s=solver.start to solver.end with the given solver."""
   if solver.kind == 'euler':
-    x1, straightness = euler_with_straightness(velocity_fn, x0, solver.num_steps)
+    x1, straightness = euler_with_straightness(velocity_fn, x0, solver.num_steps,
+                                               start=solver.start, end=solver.end)
     return Solution(x1, jnp.int32(solver.num_steps), straightness)
-  x1, nfe = dopri5_sample(velocity_fn, x0, solver.rtol, solver.atol)
+  x1, nfe = dopri5_sample(velocity_fn, x0, solver.rtol, solver.atol, start=solver.start,
+                          end=solver.end)
   return Solution(x1, nfe, jnp.full((x0.shape[0],), jnp.nan, jnp.float32))

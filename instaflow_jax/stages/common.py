@@ -8,8 +8,10 @@ import jax
 import ml_collections
 
 from instaflow_jax import checkpoint
+from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
+from instaflow_jax import trained_unet
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
@@ -68,15 +70,40 @@ def initial_unet_params(pipe: pipeline_lib.Pipeline, workdir: str, init: str, wh
   """The U-Net params a stage starts from: the base model's, or a finished stage's."""
   if not init:
     return pipe.unet_params
-  return load_unet_params(pipe.unet, workdir_lib.stage_params_path(workdir, init, what), what)
+  return load_unet_params(pipe.unet, workdir_lib.stage_params_path(workdir, init, what), what,
+                          pipe.unet_params)
 
 
-def load_unet_params(unet, path: str, what: str):
-  """The params of `unet` saved at `path`. A stacked U-Net also starts from a single
+def load_unet_params(unet, path: str, what: str, base_params=None):
+  """The params of `unet` saved at `path` (a LoRA stage's merged onto what it started from,
+  `base_params` where that is the base model). A stacked U-Net also starts from a single
   U-Net's params (InstaFlow-1.7B from the 2-RF): both halves get a copy."""
   if isinstance(unet, StackedUNet) and not {'unet_1', 'unet_2'} <= checkpoint.top_level_names(path):
     return init_from_unet(load_unet_params(unet.base_unet(), path, what), unet.config)
-  return checkpoint.load_params(path, abstract.abstract_params(unet), what=what)
+  return trained_unet.params_at(path, abstract.abstract_params(unet), base_params, what)
+
+
+LORA_BASE = 'lora_base'  # the frozen params a LoRA stage's LoRA is merged onto
+
+
+def trained_part(config: ml_collections.ConfigDict, stage: str, pipe: pipeline_lib.Pipeline,
+                 init_params, frozen: dict, loss_fn, sample_fn) -> dict:
+  """loop.train's init_params, frozen, loss_fn, sample_fn and param_axes for the U-Net
+  that starts from `init_params`: the whole U-Net, or, when the stage trains a LoRA
+  (model.lora.stages names it), a LoRA (replicated: it is small), with `init_params`
+  frozen as its base and merged with it inside the loss and the sampler."""
+  lora_config = trained_unet.stage_lora(config, stage)
+  if lora_config is None:
+    return dict(init_params=init_params, frozen=frozen, loss_fn=loss_fn, sample_fn=sample_fn,
+                param_axes=parallel.logical_axes(pipe.unet))
+
+  def lora_loss(lora, frozen, *rest):
+    return loss_fn(trained_unet.merged(frozen[LORA_BASE], lora, lora_config), frozen, *rest)
+
+  return dict(init_params=trained_unet.init_lora(init_params, lora_config, config.seed),
+              frozen=dict(frozen, **{LORA_BASE: init_params}), loss_fn=lora_loss,
+              sample_fn=lambda lora: sample_fn(trained_unet.merged(init_params, lora, lora_config)),
+              param_axes=None)
 
 
 def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config,

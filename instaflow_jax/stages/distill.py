@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
 from instaflow_jax import workdir as workdir_lib
@@ -118,21 +117,22 @@ def run_distill(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[st
   lpips_module, lpips_params = load_lpips_if_needed(distill_config,
                                                     jnp.dtype(config.model.compute_dtype))
   pipe = pipeline_lib.Pipeline.for_training(config.model, seed=config.seed, workdir=workdir)
+  teacher_unet = stacked_unet.base_unet(pipe.unet)
   teacher = abstract.cast_floats(common.load_unet_params(
-      stacked_unet.base_unet(pipe.unet),
+      teacher_unet,
       workdir_lib.stage_params_path(workdir, distill_config.teacher, f'{stage}.teacher'),
-      f'{stage}.teacher'), pipe.unet.dtype)  # frozen: in the compute dtype
+      f'{stage}.teacher', pipe.unet_params if teacher_unet is pipe.unet else None),
+      pipe.unet.dtype)  # frozen: in the compute dtype
   student = common.initial_unet_params(pipe, workdir, distill_config.init, f'{stage}.init')
   frozen = dict(common.frozen_params(pipe), teacher=teacher)
   if lpips_module is not None:
     frozen['lpips'] = lpips_params
   data = common.training_input(config, stage_dir, pipe, distill_config, prompts_only=True)
   loop.train(
-      distill_config, stage_dir, stage=stage, init_params=student, frozen=frozen,
-      loss_fn=distillation_loss(pipe.modules, distill_config, pipe.latent_shape, lpips_module),
-      batches=data.batches,
-      sample_fn=common.make_sample_fn(
-          pipe, common.sample_prompts(config, distill_config.num_samples), distill_config,
-          config.seed),
-      seed=config.seed, param_axes=parallel.logical_axes(pipe.unet), run_config=config)
+      distill_config, stage_dir, stage=stage, batches=data.batches, seed=config.seed,
+      run_config=config, **common.trained_part(
+          config, stage, pipe, student, frozen,
+          distillation_loss(pipe.modules, distill_config, pipe.latent_shape, lpips_module),
+          common.make_sample_fn(pipe, common.sample_prompts(config, distill_config.num_samples),
+                                distill_config, config.seed)))
   return {'steps': distill_config.steps, 'student_steps': distill_config.student_steps}

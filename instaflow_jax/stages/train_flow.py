@@ -6,7 +6,6 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from instaflow_jax import parallel
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax.stages import common
 from instaflow_jax.training import flow_loss
@@ -25,9 +24,9 @@ def run_train_flow(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping
   data = common.training_input(config, stage_dir, pipe, train_config)
   prompts = common.sample_prompts(config, train_config.num_samples)
   loop.train(
-      train_config, stage_dir, stage=stage, init_params=init_params,
-      frozen=common.frozen_params(pipe), loss_fn=flow_loss.flow_matching_loss(pipe.modules, train_config),
-      batches=data.batches,
-      sample_fn=common.make_sample_fn(pipe, prompts, train_config, config.seed),
-      seed=config.seed, param_axes=parallel.logical_axes(pipe.unet), run_config=config)
+      train_config, stage_dir, stage=stage, batches=data.batches, seed=config.seed,
+      run_config=config, **common.trained_part(
+          config, stage, pipe, init_params, common.frozen_params(pipe),
+          flow_loss.flow_matching_loss(pipe.modules, train_config),
+          common.make_sample_fn(pipe, prompts, train_config, config.seed)))
   return {'steps': train_config.steps, 'examples_per_epoch': len(data)}
