@@ -120,6 +120,9 @@ class RecordSource:
     return {IMAGE_KEY: decode_image(record.read(), record.name),
             CAPTION_KEY: list(record.captions)}
 
+  def __getitems__(self, indices: Sequence[int]) -> list:
+    return [self[i] for i in indices]
+
   def __repr__(self) -> str:
     return self.description
 

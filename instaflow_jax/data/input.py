@@ -392,6 +392,7 @@ class ImageTextInput(IndexedInput):
     self.image_key, self.caption_key, self.label_keys = image_key, caption_key, tuple(label_keys)
     self.crop, self.random_flip, self.max_bad_fraction = crop, random_flip, max_bad_fraction
     self._unreadable = set()
+    self._latest_unreadable = ''  # why the latest of them could not be read
     self._unreadable_lock = threading.Lock()
 
   def _caption(self, value, epoch: int, index: int) -> str:
@@ -420,6 +421,7 @@ class ImageTextInput(IndexedInput):
     for offset in range(len(self.source)):
       candidate = (index + offset) % len(self.source)
       if candidate in self._unreadable:
+        self._check_unreadable()
         continue
       try:
         return self.source[candidate]
@@ -428,17 +430,22 @@ class ImageTextInput(IndexedInput):
     raise ValueError(f'input: no image of {self.source!r} can be read')
 
   def _skip(self, index: int, error: files.UnreadableImage) -> None:
-    """Counts an unreadable example; a ValueError once they are more than
-    max_bad_fraction of the source."""
+    """Counts an unreadable example, with a warning."""
     with self._unreadable_lock:
       self._unreadable.add(index)
+      self._latest_unreadable = str(error)
       count = len(self._unreadable)
+    self._check_unreadable()
+    logging.warning('input: skipped an unreadable image (%s); %d so far of %d examples', error,
+                    count, len(self.source))
+
+  def _check_unreadable(self) -> None:
+    """A ValueError while the unreadable examples are more than max_bad_fraction."""
+    count = len(self._unreadable)
     if count > self.max_bad_fraction * len(self.source):
       raise ValueError(f'input: {count} images of {self.source!r} ({len(self.source)} examples) '
                        f'cannot be read, more than data.max_bad_fraction='
-                       f'{self.max_bad_fraction:g}; the latest: {error}')
-    logging.warning('input: skipped an unreadable image (%s); %d so far of %d examples', error,
-                    count, len(self.source))
+                       f'{self.max_bad_fraction:g}; the latest: {self._latest_unreadable}')
 
   def make_batch(self, examples, epochs, indices) -> Batch:
     examples, images = zip(*examples)
