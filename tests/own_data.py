@@ -84,12 +84,14 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_webdataset(folder: str, count: int, num_shards: int = 2) -> str:
-  """`num_shards` tars as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json); the glob
-  pattern of their paths. Captions alternate between .txt and .json."""
+  """`num_shards` tars as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json), the images
+  in the order of an image folder's; the glob pattern of their paths. Captions alternate
+  between .txt and .json."""
   os.makedirs(folder, exist_ok=True)
+  per_shard = -(-count // num_shards)
   for shard in range(num_shards):
     with tarfile.open(os.path.join(folder, f'{shard:05d}.tar'), 'w') as tar:
-      for index in range(shard, count, num_shards):
+      for index in range(shard * per_shard, min(count, (shard + 1) * per_shard)):
         key = f'{index:09d}'
         image_format = FORMATS[index % len(FORMATS)]
         add_member(tar, f'{key}.{image_format}', encoded(scene_image(index), image_format))

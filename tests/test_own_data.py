@@ -1,7 +1,7 @@
-"""The recipe on a user's own data, typed as a user types it: an image folder
-(metadata.jsonl, .txt sidecars), webdataset tar shards and a prompts file, each through
-the quick chain; a killed run resumed exactly; the encode stage against the encoders in
-the step."""
+"""The recipe on a user's own data: an image folder (metadata.jsonl, .txt sidecars),
+webdataset tar shards and a prompts file, each through the quick chain (shortened); a
+`python -m instaflow_jax.main` killed and restarted ends as the uninterrupted run; the
+encode stage against the encoders in the step."""
 import os
 import shutil
 import signal
@@ -12,76 +12,80 @@ import numpy as np
 import pytest
 
 from configs import sd15_rf
+from configs import shapes
 from instaflow_jax import stages
+from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import shards
 from instaflow_jax.training import loop
 from tests import own_data
 from tests import runs
 from tests import tiny_models
-from tests.test_main import final_params
-from tests.test_main import flat
+from tests.test_main import assert_same_final_params
 
-pytestmark = pytest.mark.slow  # python -m instaflow_jax.main in subprocesses, several stages
+pytestmark = pytest.mark.slow  # the chain on each layout, python -m instaflow_jax.main
 
 COUNT, HELD_OUT = 40, 8
 CHAIN = ('rf', 'pairs', 'reflow', 'distill')  # eval's shapes evaluator needs scene labels
 # The quick chain, shorter: every stage runs, checkpoints and samples.
-SHORT = ['--config.rf.steps=6', '--config.rf.checkpoint_every=3', '--config.rf.log_every=3',
-         '--config.rf.sample_every=6', '--config.pairs.num_pairs=16',
-         '--config.reflow.steps=4', '--config.reflow.checkpoint_every=4',
-         '--config.reflow.log_every=2', '--config.reflow.sample_every=4',
-         '--config.distill.steps=2', '--config.distill.checkpoint_every=2',
-         '--config.distill.log_every=2', '--config.distill.sample_every=2']
+SHORT = {'rf.steps': 6, 'rf.checkpoint_every': 3, 'rf.log_every': 3, 'rf.sample_every': 6,
+         'pairs.num_pairs': 16, 'reflow.steps': 4, 'reflow.checkpoint_every': 4,
+         'reflow.log_every': 2, 'reflow.sample_every': 4, 'distill.steps': 2,
+         'distill.checkpoint_every': 2, 'distill.log_every': 2, 'distill.sample_every': 2}
 
 
-def source_flags(source: str, path: str) -> list:
+def source_fields(source: str, path: str) -> dict:
   """A folder or webdataset as the data, its last HELD_OUT examples held out."""
-  return [f'--config.data.source={source}', f'--config.data.path={path}',
-          f'--config.data.train_split=train[:-{HELD_OUT}]',
-          f'--config.data.eval_split=train[-{HELD_OUT}:]']
+  return {'data.source': source, 'data.path': path, 'data.train_split': f'train[:-{HELD_OUT}]',
+          'data.eval_split': f'train[-{HELD_OUT}:]'}
+
+
+def as_flags(fields: dict) -> list:
+  return [f'--config.{field}={value}' for field, value in fields.items()]
+
+
+def short_config(fields: dict):
+  """configs/shapes.py:quick with the short chain and `fields` ('section.name': value)."""
+  config = shapes.get_config('quick')
+  config.stages = CHAIN
+  for field, value in {**SHORT, **fields}.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  return config
 
 
 @pytest.fixture(scope='module')
 def layouts(tmp_path_factory):
-  """Each layout on disk: name -> the flags that select it."""
+  """Each layout on disk, the same images and captions in the same order: name -> the
+  fields that select it."""
   root = tmp_path_factory.mktemp('own_data')
   return {
-      'metadata.jsonl': source_flags(
+      'metadata.jsonl': source_fields(
           'folder', own_data.write_metadata_folder(str(root / 'jsonl'), COUNT)),
-      'txt sidecars': source_flags(
+      'txt sidecars': source_fields(
           'folder', own_data.write_sidecar_folder(str(root / 'txt'), COUNT)),
-      'webdataset': source_flags(
+      'webdataset': source_fields(
           'webdataset', own_data.write_webdataset(str(root / 'tars'), COUNT)),
   }
 
 
 @pytest.fixture(scope='module')
-def chains(layouts, tmp_path_factory):
-  """name -> the workdir of one uninterrupted run of the short chain on that layout."""
-  done = {}
-
-  def run(name):
-    if name not in done:
-      workdir = str(tmp_path_factory.mktemp('chain'))
-      result = runs.run_main(workdir, workdir, *layouts[name], *SHORT, stages=CHAIN)
-      assert result.returncode == 0, result.stderr[-3000:]
-      done[name] = workdir
-    return done[name]
-  return run
+def reference_chain(layouts, tmp_path_factory):
+  """The workdir of one uninterrupted run of the short chain on the .txt sidecar folder."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  stages.run_all(short_config(layouts['txt sidecars']), workdir)
+  return workdir
 
 
 def losses(stage_dir):
   return [r['loss'] for r in loop.read_metrics(stage_dir) if 'loss' in r]
 
 
-@pytest.mark.parametrize('name', ['metadata.jsonl', 'txt sidecars', 'webdataset'])
-def test_the_chain_runs_on_each_layout(chains, name):
-  workdir = chains(name)
+def assert_chain_complete(workdir: str, source: str) -> None:
   for stage in CHAIN:
     assert workdir_lib.is_complete(os.path.join(workdir, stage)), stage
   assert len(shards.read_records(os.path.join(workdir, 'pairs'), 'pairs')) == 16
-  source = name.split(' ')[0] if name == 'webdataset' else 'folder'
   assert shards.read_meta(os.path.join(workdir, 'pairs'), 'pairs')['prompts'].startswith(
       f'{source} ')  # the captions of the layout's pairs.split
   for stage in ('rf', 'reflow', 'distill'):
@@ -89,28 +93,18 @@ def test_the_chain_runs_on_each_layout(chains, name):
         losses(os.path.join(workdir, stage)))), stage
 
 
-def test_the_chain_takes_its_prompts_from_a_file(chains, tmp_path):
-  """pairs, reflow and distill from a prompts file alone, the teacher an earlier rf."""
-  workdir = str(tmp_path / 'w')
-  for name in ('text', 'rf'):
-    shutil.copytree(os.path.join(chains('metadata.jsonl'), name), os.path.join(workdir, name))
-  prompts = own_data.write_prompts(str(tmp_path / 'prompts.txt'), 12)
-  flags = source_flags('folder', '/nowhere')[2:] + [f'--config.data.prompts_file={prompts}',
-                                                    f'--config.data.eval_prompts_file={prompts}']
-  result = runs.run_main(workdir, workdir, *flags, *SHORT, stages=CHAIN)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'stage rf: already complete' in result.stderr
-  pairs_dir = os.path.join(workdir, 'pairs')
-  assert shards.read_meta(pairs_dir, 'pairs')['prompts'] == f'file:{prompts}'
-  for stage in CHAIN:
-    assert workdir_lib.is_complete(os.path.join(workdir, stage)), stage
+def test_the_chain_runs_on_a_folder_with_txt_sidecars(reference_chain):
+  assert_chain_complete(reference_chain, 'folder')
 
 
 @pytest.mark.parametrize('name', ['metadata.jsonl', 'webdataset'])
-def test_a_killed_run_resumes_exactly(chains, layouts, tmp_path, name):
-  reference = os.path.join(chains(name), 'rf')
+def test_a_killed_chain_resumes_exactly(reference_chain, layouts, tmp_path, name):
+  """`python -m instaflow_jax.main` killed after its first checkpoint and restarted runs
+  the chain to its end, its rf params bitwise those of the uninterrupted run on the same
+  images and captions in the sidecar layout."""
   workdir = str(tmp_path / 'killed')
-  command = runs.main_command(workdir, workdir, *layouts[name], *SHORT)
+  command = runs.main_command(workdir, workdir, *as_flags({**SHORT, **layouts[name]}),
+                              stages=CHAIN)
   process = subprocess.Popen(command, cwd=runs.REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   first_checkpoint = os.path.join(workdir, 'rf', 'checkpoints', '3', 'commit_success.txt')
@@ -125,11 +119,29 @@ def test_a_killed_run_resumes_exactly(chains, layouts, tmp_path, name):
   result = subprocess.run(command, cwd=runs.REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'rf: resumed from step 3' in result.stderr
-  reference_paths, expected = flat(final_params(reference))
-  resumed_paths, resumed = flat(final_params(os.path.join(workdir, 'rf')))
-  assert resumed_paths == reference_paths
-  for path, want, got in zip(reference_paths, expected, resumed):
-    np.testing.assert_array_equal(got, want, err_msg=path)
+  assert_chain_complete(workdir, 'webdataset' if name == 'webdataset' else 'folder')
+  reference = os.path.join(reference_chain, 'rf')
+  assert_same_final_params(reference, os.path.join(workdir, 'rf'))
+  assert losses(os.path.join(workdir, 'rf')) == losses(reference)
+
+
+def test_pairs_and_reflow_take_their_prompts_from_a_file(reference_chain, layouts, tmp_path):
+  """The stages that need prompts alone, from a prompts file, the teacher an earlier rf."""
+  workdir = str(tmp_path / 'w')
+  for name in ('text', 'rf'):
+    shutil.copytree(os.path.join(reference_chain, name), os.path.join(workdir, name))
+  prompts = own_data.write_prompts(str(tmp_path / 'prompts.txt'), 12)
+  config = short_config({**layouts['txt sidecars'], 'data.prompts_file': prompts,
+                         'data.eval_prompts_file': prompts})
+  config.stages = ('rf', 'pairs', 'reflow')
+  stages.run_all(config, workdir)
+  pairs_dir = os.path.join(workdir, 'pairs')
+  assert shards.read_meta(pairs_dir, 'pairs')['prompts'] == f'file:{prompts}'
+  records = shards.read_records(pairs_dir, 'pairs')
+  tokenizer = text_side.load_text_side(workdir, config.model).tokenizer
+  assert [tokenizer.decode(r['input_ids']) for r in records[:12]] == (
+      input_lib.read_prompts(prompts))
+  assert workdir_lib.is_complete(os.path.join(workdir, 'reflow'))
 
 
 def test_encode_then_rf_trains_as_rf_with_the_encoders_in_the_step(tmp_path):

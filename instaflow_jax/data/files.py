@@ -25,6 +25,7 @@ import io
 import json
 import os
 import tarfile
+import time
 import types
 from typing import Dict, List, Sequence, Tuple
 
@@ -317,7 +318,10 @@ def open_file_source(kind: str, path: str, split: str, max_bad_fraction: float,
                      captions_only: bool = False) -> RecordSource:
   """The examples of `split` of the image folder or webdataset at `path`."""
   where = f'{kind} {path}'
-  records = split_records(INDEXERS[kind](path, max_bad_fraction), split, where)
+  started = time.time()
+  indexed = INDEXERS[kind](path, max_bad_fraction)
+  logging.info('%s: %d examples indexed in %.1f s', where, len(indexed), time.time() - started)
+  records = split_records(indexed, split, where)
   if not records:
     raise ValueError(f'{where}: split {split!r} is empty')
   return RecordSource(records, f'{where}:{split}', captions_only)
