@@ -42,10 +42,9 @@ import threading
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import logging
 from PIL import Image
 import tensorflow_datasets as tfds
-
-from absl import logging
 
 from instaflow_jax import config_checks
 from instaflow_jax import parallel
@@ -72,7 +71,6 @@ class InputConfig:
   crop: str = 'center'            # or 'random'
   random_flip: bool = False
   max_bad_fraction: float = 0.01  # unreadable images (or unusable entries) tolerated
-
 
 
 def input_config(data_config, split: str) -> InputConfig:
