@@ -9,7 +9,11 @@ encoder before the U-Net; from encoded data, a batch is the latents' mean and st
 text states, and the step only samples the latents. Milliseconds per step (median of
 --steps after the compile) and images/s, each variant in turn --rounds times.
 
+--flops runs nothing: it counts each step's FLOPs (XLA's cost analysis of the lowered
+step, from shapes alone, so the sd15 preset's too), without remat.
+
   JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python benchmarks/encoded_step.py --config small
+  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python benchmarks/encoded_step.py --config sd15 --flops
 """
 import argparse
 import json
@@ -51,6 +55,29 @@ def batches(cfg, batch: int, modules, frozen) -> dict:
           'encoded data': {'latent_mean': mean, 'latent_std': std, 'text_embeds': text}}
 
 
+def abstract_batches(cfg, batch: int, latent_channels: int) -> dict:
+  """variant -> ShapeDtypeStructs of its batch (as batches() makes them)."""
+  size, tokens = cfg.latent_size, cfg.text['max_position_embeddings']
+  latent = jax.ShapeDtypeStruct((batch, size, size, latent_channels), jnp.float32)
+  return {'encoders in the step': {
+              'image': jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), jnp.uint8),
+              'input_ids': jax.ShapeDtypeStruct((batch, tokens), jnp.int32)},
+          'encoded data': {
+              'latent_mean': latent, 'latent_std': latent,
+              'text_embeds': jax.ShapeDtypeStruct((batch,) + cfg.text_shape, jnp.float32)}}
+
+
+def flops(step, built, cfg, batch: int, tx) -> dict:
+  """variant -> GFLOPs of one step, counted on the lowered program."""
+  frozen = {'vae': abstract.abstract_params(built['vae']),
+            'text': abstract.abstract_params(built['text_encoder']),
+            'null_embeds': jax.ShapeDtypeStruct((1,) + cfg.text_shape, jnp.float32)}
+  state = state_lib.abstract_state(abstract.abstract_params(built['unet']), tx)
+  rng = jax.random.key(0)
+  return {name: step.lower(state, frozen, batch_shapes, rng).cost_analysis()['flops'] / 1e9
+          for name, batch_shapes in abstract_batches(cfg, batch, cfg.vae['latent_channels']).items()}
+
+
 def measure(step, state, frozen, batch, steps: int):
   """(ms per step: the median of `steps` after the first, which compiles; the state)."""
   rng = jax.random.key(0)
@@ -71,18 +98,26 @@ def main():
   parser.add_argument('--batch_size', type=int, default=None, help="default: the config's")
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--flops', action='store_true', help='count FLOPs, run nothing')
   parser.add_argument('--out', default=None, help='write the numbers here as JSON')
   args = parser.parse_args()
   cfg = bench_configs.CONFIGS[args.config]
   batch = args.batch_size or cfg.train_batch
   built = bench_ours._modules(cfg, jnp.float32, jnp.float32)
   modules = bench_ours._pipeline_modules(built)
-  frozen = {'vae': random_params(built['vae'], 1), 'text': random_params(built['text_encoder'], 2)}
-  frozen['null_embeds'] = sampling.encode_text(modules, frozen, bench_configs.token_ids(cfg, 1))
   train = sd15_rf.get_config().rf
   train.log_every = 10 ** 9  # no timed step measures text_use
   tx = state_lib.make_optimizer(train.optimizer, train.steps)
   step = step_lib.make_train_step(flow_loss.flow_matching_loss(modules, train), train.ema_decay)
+  if args.flops:
+    counted = flops(step, built, cfg, batch, tx)
+    for name, gflops in counted.items():
+      print(f'{args.config}, batch {batch}, {name}: {gflops:.1f} GFLOPs per step')
+    first, second = counted.values()
+    print(f'encoded data: {1 - second / first:.0%} fewer FLOPs per step')
+    return
+  frozen = {'vae': random_params(built['vae'], 1), 'text': random_params(built['text_encoder'], 2)}
+  frozen['null_embeds'] = sampling.encode_text(modules, frozen, bench_configs.token_ids(cfg, 1))
   state = state_lib.TrainState.create(random_params(built['unet'], 0), tx)
   inputs = batches(cfg, batch, modules, frozen)
   measured = {name: [] for name in inputs}
