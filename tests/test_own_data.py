@@ -173,3 +173,13 @@ def test_encode_then_rf_trains_as_rf_with_the_encoders_in_the_step(tmp_path):
   encoded = losses(str(tmp_path / 'encoded' / 'rf'))
   assert len(in_step) == 6
   np.testing.assert_allclose(encoded, in_step, rtol=1e-4)
+  # A run killed while writing the second shard resumes it: the same records.
+  encode_dir = str(tmp_path / 'encoded' / 'encode')
+  os.remove(os.path.join(encode_dir, workdir_lib.DONE_FILE))
+  os.rename(shards.shard_path(encode_dir, 'encode', 1, 2),
+            shards.shard_path(encode_dir, 'encode', 1, 2) + '.tmp')
+  stages.run_all(config('encode'), str(tmp_path / 'encoded'))
+  resumed = shards.read_records(encode_dir, 'encode')
+  for want, got in zip(records, resumed, strict=True):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
