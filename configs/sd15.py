@@ -52,8 +52,7 @@ def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict
 
   # --config.stages='("encode", "rf")' --config.rf.encoded=encode: the VAE latents and
   # text states computed once (float16 halves their disk), not in every training step.
-  c.encode = ml_collections.ConfigDict(dict(split='train', shard_size=4096, batch_size=64,
-                                            dtype='float16'))
+  c.encode = ml_collections.ConfigDict(dict(shard_size=4096, batch_size=64, dtype='float16'))
 
   c.model = ml_collections.ConfigDict(dict(
       source='diffusers',

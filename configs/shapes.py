@@ -96,10 +96,9 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       ),
   ))
 
-  # Optional, for latent-space models: the frozen VAE and text encoder run once over a
-  # split; a training stage with encoded='encode' trains on the stored results.
+  # Optional, for latent-space models: the frozen VAE and text encoder run once over
+  # data.train_split; a training stage with encoded='encode' trains on the stored results.
   c.encode = ml_collections.ConfigDict(dict(
-      split='train[:2048]' if quick else 'train',
       shard_size=64 if quick else 1024,
       batch_size=8 if quick else 64,
       dtype='float32',              # or 'float16': half the disk

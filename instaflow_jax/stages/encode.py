@@ -1,8 +1,8 @@
 """Stage 'encode': the frozen autoencoder and text encoder run once over a dataset.
 
 At Stable Diffusion's scale the VAE encoder and the text encoder in every training step
-cost a large part of its compute. This stage stores, for each example i of `encode.split`
-of the config's data, the autoencoder's latent distribution (mean and std, so that each
+cost a large part of its compute. This stage stores, for each example i of the config's
+data.train_split, the autoencoder's latent distribution (mean and std, so that each
 training step still samples a latent, as from images) and the text encoder's hidden
 states of its caption, in numbered shards written atomically (data/shards.py): a killed
 run resumes where it stopped. A training stage with `encoded='encode'` in its section
@@ -68,7 +68,7 @@ def _write_encoded(config: ml_collections.ConfigDict, stage_dir: str,
                      f'{", ".join(encoded_lib.DTYPES)}')
   pipe = pipeline_lib.Pipeline.for_training(config.model, seed=config.seed,
                                             workdir=os.path.dirname(stage_dir))
-  data_config = input_lib.input_config(config.data, encode_config.split)
+  data_config = input_lib.input_config(config.data, config.data.train_split)
   data = input_lib.create_input(data_config, pipe.tokenizer,
                                 global_batch_size=encode_config.batch_size, seed=config.seed)
   ranges = shards.shard_ranges(len(data), encode_config.shard_size)
