@@ -152,8 +152,8 @@ CASES = [Case(*case) for case in [
     ('wrong type', nothing, ('rf',), ['--config.rf.steps=many'],
      'error: flag --config.rf.steps=many: invalid literal for int()'),
     ('unknown stage', nothing, ('rf', 'paint'), [],
-     "error: config.stages names 'paint': neither a stage (rf, pairs, reflow, distill, eval) "
-     'nor a section config.paint whose kind is one of rf, reflow, distill'),
+     "error: config.stages names 'paint': neither a stage (encode, rf, pairs, reflow, distill, "
+     'eval) nor a section config.paint whose kind is one of rf, reflow, distill'),
     ('unknown dataset', nothing, ('rf',), ['--config.data.name=no_such_dataset'],
      "error: tfds dataset 'no_such_dataset' not found"),
     ('missing prompts file', nothing, ('pairs',),
