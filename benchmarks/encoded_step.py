@@ -74,8 +74,9 @@ def flops(step, built, cfg, batch: int, tx) -> dict:
             'null_embeds': jax.ShapeDtypeStruct((1,) + cfg.text_shape, jnp.float32)}
   state = state_lib.abstract_state(abstract.abstract_params(built['unet']), tx)
   rng = jax.random.key(0)
-  return {name: step.lower(state, frozen, batch_shapes, rng).cost_analysis()['flops'] / 1e9
-          for name, batch_shapes in abstract_batches(cfg, batch, cfg.vae['latent_channels']).items()}
+  variants = abstract_batches(cfg, batch, cfg.vae['latent_channels'])
+  return {name: step.lower(state, frozen, shapes, rng).cost_analysis()['flops'] / 1e9
+          for name, shapes in variants.items()}
 
 
 def measure(step, state, frozen, batch, steps: int):

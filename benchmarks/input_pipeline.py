@@ -76,7 +76,8 @@ class InputBenchPhotos(tfds.core.GeneratorBasedBuilder):
 
 def jpeg(image: np.ndarray) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='jpeg', quality=95)  # tf.io.encode_jpeg's, as tfds writes
+  # Quality 95: tf.io.encode_jpeg's, with which tfds writes the tfds source's images.
+  Image.fromarray(image).save(buffer, format='jpeg', quality=95)
   return buffer.getvalue()
 
 
