@@ -13,7 +13,6 @@ from PIL import Image
 
 from instaflow_jax.data import files
 from instaflow_jax.data import input as input_lib
-from instaflow_jax.data import shapes
 from instaflow_jax.data.tokenizer import WordTokenizer
 from tests import own_data
 
