@@ -1,32 +1,36 @@
-r"""Images/s of the training input pipeline (data/input.py) at 512px, by worker count.
+r"""Images/s of the training input pipeline (data/input.py) at 512px, by source and worker count.
 
-Builds a local tfds dataset of 640x480 JPEG photographs' stand-ins (smooth colour fields
-with texture and noise, so that they encode to photograph-like sizes), prepared as
-array_record in a temporary directory as a real dataset is, and reads it through
-create_input, as the rf stage does: read, decode, resize the shorter side to 512 and crop
-the centre, tokenize, stack, in batches made ahead by its background thread.
+Writes 640x480 JPEG photographs' stand-ins (smooth colour fields with texture and noise, so
+that they encode to photograph-like sizes) in a temporary directory in each layout the
+pipeline reads: a tfds dataset prepared as array_record, an image folder with
+metadata.jsonl, and two webdataset tar shards. Reads each through create_input, as the rf
+stage does: read, decode, convert to RGB, resize the shorter side to 512 and crop the
+centre, tokenize, stack, in batches made ahead by its background thread.
 
   JAX_PLATFORMS=cpu .venv/bin/python -m benchmarks.input_pipeline --out /tmp/input.json
 
-Nothing is downloaded. Rows: each worker count of --workers (default 1, 2, this
-machine's default_workers() and twice that), measured in turn --rounds times so that a
-change in the machine's load falls on every count alike: the median images/s, and the CPU
-cores the process kept busy (its CPU time / wall time; above 1, the threads ran at once).
-Then, single-threaded, the milliseconds per image of reading + decoding (the source's
-__getitem__) and of resizing + cropping (model_image).
+Nothing is downloaded. Rows, for each source of --sources: each worker count of
+--workers (default 1, 2, this machine's default_workers() and twice that), measured in
+turn --rounds times so that a change in the machine's load falls on every count alike: the
+median images/s, and the CPU cores the process kept busy (its CPU time / wall time; above
+1, the threads ran at once). Then, single-threaded, the milliseconds per image of reading
++ decoding (the source's __getitem__) and of resizing + cropping (model_image).
 """
 import argparse
+import io
 import itertools
 import json
 import os
 import platform
 import statistics
+import tarfile
 import tempfile
 import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import Image
 
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data.tokenizer import WordTokenizer
@@ -68,6 +72,55 @@ class InputBenchPhotos(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     for index in range(self.NUM_EXAMPLES):
       yield index, {'image': synthetic_photo(index), 'caption': CAPTION}
+
+
+def jpeg(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  # Quality 95: tf.io.encode_jpeg's, with which tfds writes the tfds source's images.
+  Image.fromarray(image).save(buffer, format='jpeg', quality=95)
+  return buffer.getvalue()
+
+
+def write_folder(folder: str) -> str:
+  """The photographs as an image folder with metadata.jsonl."""
+  os.makedirs(folder)
+  with open(os.path.join(folder, 'metadata.jsonl'), 'w') as metadata:
+    for index in range(InputBenchPhotos.NUM_EXAMPLES):
+      name = f'{index:05d}.jpg'
+      with open(os.path.join(folder, name), 'wb') as f:
+        f.write(jpeg(synthetic_photo(index)))
+      metadata.write(json.dumps({'file_name': name, 'text': CAPTION}) + '\n')
+  return folder
+
+
+def write_webdataset(folder: str, num_shards: int = 2) -> str:
+  """The photographs as webdataset tar shards (KEY.jpg, KEY.txt); their glob pattern."""
+  os.makedirs(folder)
+  for shard in range(num_shards):
+    with tarfile.open(os.path.join(folder, f'{shard:05d}.tar'), 'w') as tar:
+      for index in range(shard, InputBenchPhotos.NUM_EXAMPLES, num_shards):
+        for name, data in ((f'{index:09d}.jpg', jpeg(synthetic_photo(index))),
+                           (f'{index:09d}.txt', CAPTION.encode())):
+          info = tarfile.TarInfo(name)
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+  return os.path.join(folder, '*.tar')
+
+
+def source_configs(root: str, sources, image_size: int) -> dict:
+  """source -> the InputConfig that reads the photographs written in that layout."""
+  configs = {}
+  for source in sources:
+    if source == 'tfds':
+      InputBenchPhotos(data_dir=root, file_format='array_record').download_and_prepare(
+          file_format='array_record')
+      configs[source] = input_lib.InputConfig(name='input_bench_photos', image_size=image_size,
+                                              data_dir=root)
+    else:
+      writer = write_folder if source == 'folder' else write_webdataset
+      configs[source] = input_lib.InputConfig(source=source, image_size=image_size,
+                                              path=writer(os.path.join(root, source)))
+  return configs
 
 
 def throughput(config, tokenizer, workers: int, batch_size: int, batches: int) -> dict:
@@ -117,14 +170,15 @@ def rows_by_workers(config, tokenizer, counts, batch_size: int, batches: int,
 
 
 def print_table(result: dict) -> None:
-  print(f"\nsingle thread: read + decode {result['read_decode_ms']:.1f} ms/image, resize + "
-        f"crop {result['resize_crop_ms']:.1f} ms/image; {result['cpus']} CPUs, load "
-        f"{', '.join(f'{x:.1f}' for x in result['load_average'])}")
-  rows = result['rows']
-  print(f"| workers | images/s | vs {rows[0]['workers']} | CPU cores busy |\n|---|---|---|---|")
-  for row in rows:
-    print(f"| {row['workers']} | {row['images_per_s']:.1f} | "
-          f"{row['images_per_s'] / rows[0]['images_per_s']:.2f}x | {row['cores_used']:.2f} |")
+  print(f"\n{result['cpus']} CPUs, load {', '.join(f'{x:.1f}' for x in result['load_average'])}")
+  print('| source | single thread: read + decode, resize + crop (ms/image) | workers | images/s '
+        '| vs 1st | CPU cores busy |\n|---|---|---|---|---|---|')
+  for source, measured in result['sources'].items():
+    rows = measured['rows']
+    for row in rows:
+      print(f"| {source} | {measured['read_decode_ms']:.1f}, {measured['resize_crop_ms']:.1f} | "
+            f"{row['workers']} | {row['images_per_s']:.1f} | "
+            f"{row['images_per_s'] / rows[0]['images_per_s']:.2f}x | {row['cores_used']:.2f} |")
 
 
 def load_average() -> list:
@@ -141,28 +195,30 @@ def main():
   parser.add_argument('--batches', type=int, default=4, help='timed batches per measurement')
   parser.add_argument('--rounds', type=int, default=3, help='measurements per worker count')
   parser.add_argument('--image_size', type=int, default=512)
+  parser.add_argument('--sources', default='tfds,folder,webdataset',
+                      help='comma-separated: tfds, folder, webdataset')
   parser.add_argument('--out', default=None, help='write the numbers here as JSON')
   args = parser.parse_args()
 
-  with tempfile.TemporaryDirectory() as data_dir:
+  tokenizer = WordTokenizer.from_captions([CAPTION], max_length=77)
+  measured = {}
+  with tempfile.TemporaryDirectory() as root:
     started = time.perf_counter()
-    InputBenchPhotos(data_dir=data_dir, file_format='array_record').download_and_prepare(
-        file_format='array_record')
+    configs = source_configs(root, args.sources.split(','), args.image_size)
     prepare_s = time.perf_counter() - started
-    config = input_lib.InputConfig(name='input_bench_photos', image_size=args.image_size,
-                                   data_dir=data_dir)
-    tokenizer = WordTokenizer.from_captions([CAPTION], max_length=77)
-    stages = per_image_ms(config)
-    rows = rows_by_workers(config, tokenizer, [int(w) for w in args.workers.split(',')],
-                           args.batch_size, args.batches, args.rounds)
+    for source, config in configs.items():
+      print(f'source {source}:', flush=True)
+      measured[source] = {
+          **per_image_ms(config),
+          'rows': rows_by_workers(config, tokenizer, [int(w) for w in args.workers.split(',')],
+                                  args.batch_size, args.batches, args.rounds)}
 
   result = {
       'image': f'{WIDTH}x{HEIGHT} JPEG -> {args.image_size}x{args.image_size} uint8',
       'batch_size': args.batch_size, 'timed_batches': args.batches, 'rounds': args.rounds,
       'cpus': os.cpu_count(), 'default_workers': default,
       'machine': platform.platform(), 'processor': platform.processor(),
-      'load_average': load_average(), 'prepare_s': prepare_s,
-      **stages, 'rows': rows}
+      'load_average': load_average(), 'prepare_s': prepare_s, 'sources': measured}
   print_table(result)
   if args.out:
     with open(args.out, 'w') as f:

@@ -31,6 +31,8 @@ def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict
   c.min_shard_size = 2 ** 14  # params with fewer elements stay replicated
 
   c.data = ml_collections.ConfigDict(dict(
+      source='tfds',                # or 'folder', 'webdataset' with `path` (configs/shapes.py)
+      path='',
       name='coco_captions',
       data_dir='',
       train_split='train',
@@ -38,12 +40,19 @@ def base_config(diffusers_path: str, stages: tuple) -> ml_collections.ConfigDict
       image_key='image',
       caption_key='captions/text',
       image_size=512,
+      crop='center',                # or 'random'
+      random_flip=False,
+      max_bad_fraction=0.01,        # unreadable images tolerated before the run stops
       # Prompts alone (one a line, UTF-8) for pairs and distill, and (eval_prompts_file) for
       # the sample grids and eval, which then measures CLIP score but no FD (no real images):
       # the paper drew its prompts from LAION (laion2B-en); '' = the dataset's captions.
       prompts_file='',
       eval_prompts_file='',
   ))
+
+  # --config.stages='("encode", "rf")' --config.rf.encoded=encode: the VAE latents and
+  # text states computed once (float16 halves their disk), not in every training step.
+  c.encode = ml_collections.ConfigDict(dict(shard_size=4096, batch_size=64, dtype='float16'))
 
   c.model = ml_collections.ConfigDict(dict(
       source='diffusers',
@@ -79,6 +88,7 @@ def training(**settings) -> ml_collections.ConfigDict:
       caption_dropout=0.1,          # classifier-free guidance training
       init='',                      # '' = the diffusers folder's U-Net
       pairs='',                     # train on the pairs of this stage (reflow) instead of data
+      encoded='',                   # train on the latents and text states of this stage (encode)
       log_every=100,
       checkpoint_every=2000,
       keep_checkpoints=3,

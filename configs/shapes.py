@@ -26,13 +26,28 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   add_mesh(c)
 
   c.data = ml_collections.ConfigDict(dict(
+      # Where the images and captions come from: 'tfds' (the dataset `name`), 'folder' (an
+      # image folder with metadata.jsonl, metadata.csv or .txt captions) or 'webdataset'
+      # (tar shards of KEY.jpg + KEY.txt/.json, as img2dataset writes): see data/files.py.
+      source='tfds',
+      path='',                      # folder, or tars: comma-separated paths or globs
       name='captioned_shapes/size16' if quick else 'captioned_shapes/size24',  # tfds name
       data_dir='',                  # '' = the tfds default (~/tensorflow_datasets)
+      # Splits: a folder or webdataset has one, 'train', sliced as tfds slices splits:
+      # train_split='train[:-100]', eval_split='train[-100:]'.
       train_split='train[:2048]' if quick else 'train',
       eval_split='validation',
-      image_key='image',
+      image_key='image',            # tfds feature paths (file sources: image and caption)
       caption_key='caption',
       image_size=16 if quick else 24,
+      # Shorter side resized to image_size, then a 'center' or 'random' crop, and a
+      # horizontal flip half of the time with random_flip (drawn from seed, epoch, example).
+      crop='center',
+      random_flip=False,
+      # Unreadable images (skipped, with a warning that counts them) and index entries
+      # without an image or caption tolerated, as a fraction of the examples; above it the
+      # run stops with an error.
+      max_bad_fraction=0.01,
       # UTF-8 text files of prompts, one a line ('' = the tfds captions), for what needs
       # prompts only: prompts_file for pairs and distill, eval_prompts_file for the sample
       # grids and for eval with evaluator 'inception' (configs/coco_eval.py): its first
@@ -88,6 +103,14 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
           norm_num_groups=8,
           cross_attention_dim=32 if quick else 64,
       ),
+  ))
+
+  # Optional, for latent-space models: the frozen VAE and text encoder run once over
+  # data.train_split; a training stage with encoded='encode' trains on the stored results.
+  c.encode = ml_collections.ConfigDict(dict(
+      shard_size=64 if quick else 1024,
+      batch_size=8 if quick else 64,
+      dtype='float32',              # or 'float16': half the disk
   ))
 
   c.rf = training_config(quick, steps=30 if quick else 1000)
@@ -166,6 +189,7 @@ def training_config(quick: bool, steps: int) -> ml_collections.ConfigDict:
   t.caption_dropout = 0.1           # classifier-free guidance training
   t.init = ''                       # params to start from ('' = fresh init or the base model)
   t.pairs = ''                      # train on the pairs of this stage (reflow) instead of data
+  t.encoded = ''                    # train on the latents and text states of this stage (encode)
   t.log_every = 5 if quick else 25
   t.checkpoint_every = 10 if quick else 250
   t.keep_checkpoints = 2

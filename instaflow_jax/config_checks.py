@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-STAGE_KINDS = ('rf', 'pairs', 'reflow', 'distill', 'eval')  # the recipe's, in its order
+STAGE_KINDS = ('encode', 'rf', 'pairs', 'reflow', 'distill', 'eval')  # the recipe's, in order
 TRAINING_STAGES = ('rf', 'reflow', 'distill')
 
 # Whole numbers >= 1, per section (a section checks those of its fields it has: the
@@ -23,6 +23,7 @@ TRAINING_COUNTS = ('steps', 'batch_size', 'grad_accum_steps', 'log_every',
                     'checkpoint_every', 'keep_checkpoints', 'sample_every', 'num_samples',
                     'sample_steps', 'preemption_check_every')
 COUNTS = {
+    'encode': ('shard_size', 'batch_size'),
     'pairs': ('num_pairs', 'shard_size', 'batch_size', 'num_steps'),
     'distill': ('student_steps', 'teacher_steps'),
     'eval': ('num_prompts', 'batch_size', 'evaluator_examples', 'evaluator_steps',
@@ -59,6 +60,10 @@ def _check_training(config, stage: str) -> None:
   if section.optimizer.warmup_steps < 0:
     raise ValueError(f'{_field(stage, "optimizer.warmup_steps")} = '
                      f'{section.optimizer.warmup_steps}: must be >= 0')
+  if section.get('encoded') and section.pairs:
+    raise ValueError(f'{_field(stage, "encoded")} = {section.encoded!r} and '
+                     f'{_field(stage, "pairs")} = {section.pairs!r}: a stage trains on encoded '
+                     'data or on pairs, not both; set one of them to \'\'')
   if section.batch_size % section.grad_accum_steps:
     raise ValueError(f'{_field(stage, "batch_size")} = {section.batch_size} is not divisible by '
                      f'{_field(stage, "grad_accum_steps")} = {section.grad_accum_steps}')
@@ -70,6 +75,28 @@ def _check_eval_steps(config) -> None:
       if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f'config.eval.steps.{model} has {n!r}: step counts are whole '
                          'numbers >= 1')
+
+
+# data.source's values, and what each reads (data/input.py, data/files.py).
+DATA_SOURCES = ('tfds', 'folder', 'webdataset')
+CROPS = ('center', 'random')
+
+
+def _check_data(data) -> None:
+  """The data section's source, crop and tolerance of bad files (configs written before
+  these fields have none: the defaults)."""
+  source = data.get('source', 'tfds')
+  if source not in DATA_SOURCES:
+    raise ValueError(f'config.data.source = {source!r}: use one of {", ".join(DATA_SOURCES)}')
+  if source != 'tfds' and not data.get('path'):
+    raise ValueError(f"config.data.path = '': data.source {source!r} reads the files it names; "
+                     'set --config.data.path=' + ('FOLDER' if source == 'folder'
+                                                   else "'/data/shards/*.tar'"))
+  crop = data.get('crop', 'center')
+  if crop not in CROPS:
+    raise ValueError(f'config.data.crop = {crop!r}: use one of {", ".join(CROPS)}')
+  _check_range(data.get('max_bad_fraction', 0.0), 'config.data.max_bad_fraction', 0.0, 1.0,
+               high_included=True)
 
 
 def _read_json(path: str):
@@ -145,6 +172,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           _check_count(config, section, name)
   if 'eval' in stages:
     _check_eval_steps(config)
+  if 'data' in config:
+    _check_data(config.data)
   if 'data' in config and 'model' in config:
     _check_image_size(config)
   if 'model' in config:

@@ -29,11 +29,22 @@ class PipelineModules:
   text_encoder: Any
 
 
+def encode_posterior(modules: PipelineModules, params, images: jax.Array):
+  """Images in [-1, 1] -> (mean, std) of the autoencoder's latent Gaussian, unscaled."""
+  mean, logvar = modules.vae.apply({'params': params['vae']}, images, method='encode')
+  return mean, jnp.exp(0.5 * logvar)
+
+
+def sample_posterior(modules: PipelineModules, mean: jax.Array, std: jax.Array,
+                     rng: jax.Array) -> jax.Array:
+  """Scaled latents: a sample of the latent Gaussian (mean, std)."""
+  noise = jax.random.normal(rng, mean.shape, mean.dtype)
+  return (mean + std * noise) * modules.vae.config.scaling_factor
+
+
 def encode_images(modules: PipelineModules, params, images: jax.Array, rng: jax.Array) -> jax.Array:
   """Images in [-1, 1] -> scaled latents, a sample of the autoencoder's posterior."""
-  mean, logvar = modules.vae.apply({'params': params['vae']}, images, method='encode')
-  noise = jax.random.normal(rng, mean.shape, mean.dtype)
-  return (mean + jnp.exp(0.5 * logvar) * noise) * modules.vae.config.scaling_factor
+  return sample_posterior(modules, *encode_posterior(modules, params, images), rng)
 
 
 @formulations.jit(static_argnums=0)
@@ -64,9 +75,12 @@ def text_embeddings(modules: PipelineModules, frozen, batch):
 
 
 def model_inputs(modules: PipelineModules, frozen, batch, rng):
-  """(X1 latents, text embeddings) of a batch, computed unless cached in it."""
+  """(X1 latents, text embeddings) of a batch, computed unless cached in it: the latents
+  themselves, or their distribution (the encode stage's mean and std), sampled here."""
   if 'latents' in batch:
     x1 = batch['latents']
+  elif 'latent_mean' in batch:
+    x1 = sample_posterior(modules, batch['latent_mean'], batch['latent_std'], rng)
   else:
     x1 = encode_images(modules, frozen, image_io.to_model_range(batch['image']), rng)
   return x1, text_embeddings(modules, frozen, batch)

@@ -2,7 +2,7 @@
 
   WORKDIR/
     text/                     the embedded model's text side (tokenizer/, text_encoder/)
-    <stage>/                  rf, pairs, reflow, distill, eval
+    <stage>/                  encode, rf, pairs, reflow, distill, eval
       config.json             the resolved config of the stage's last run
       checkpoints/STEP/state  the train state every N steps (Orbax), and .../meta
       rejected_checkpoints/   checkpoints a resume must not take (damaged, diverged)

@@ -86,6 +86,25 @@ def sd_folder_with_scheduler(**fields) -> Callable[[str, str], None]:
   return prepare
 
 
+def uncaptioned_folder(quick_chain, workdir: str) -> None:
+  """WORKDIR/data: images, no captions anywhere."""
+  del quick_chain
+  from tests import own_data
+  own_data.write_images(os.path.join(workdir, 'data'), 3)
+
+
+def metadata_of_missing_files(quick_chain, workdir: str) -> None:
+  """WORKDIR/data/metadata.jsonl naming images that are not there."""
+  del quick_chain
+  os.makedirs(os.path.join(workdir, 'data'))
+  with open(os.path.join(workdir, 'data', 'metadata.jsonl'), 'w') as f:
+    for name in ('a.jpg', 'b.jpg'):
+      f.write(json.dumps({'file_name': name, 'text': 'a red circle'}) + '\n')
+
+
+FOLDER = ['--config.data.source=folder', '--config.data.path={workdir}/data']
+
+
 SD_TEACHER = ['--config.model.source=diffusers', '--config.model.diffusers_path={workdir}/sd',
               '--config.pairs.teacher={workdir}/sd']
 
@@ -133,14 +152,23 @@ CASES = [Case(*case) for case in [
     ('wrong type', nothing, ('rf',), ['--config.rf.steps=many'],
      'error: flag --config.rf.steps=many: invalid literal for int()'),
     ('unknown stage', nothing, ('rf', 'paint'), [],
-     "error: config.stages names 'paint': neither a stage (rf, pairs, reflow, distill, eval) "
-     'nor a section config.paint whose kind is one of rf, reflow, distill'),
+     "error: config.stages names 'paint': neither a stage (encode, rf, pairs, reflow, distill, "
+     'eval) nor a section config.paint whose kind is one of rf, reflow, distill'),
     ('unknown dataset', nothing, ('rf',), ['--config.data.name=no_such_dataset'],
      "error: tfds dataset 'no_such_dataset' not found"),
     ('missing prompts file', nothing, ('pairs',),
      ['--config.data.prompts_file={workdir}/no_prompts.txt'],
      'error: prompts file {workdir}/no_prompts.txt: No such file or directory; give a text '
      'file with one prompt a line'),
+    ('image folder without captions', uncaptioned_folder, ('rf',), FOLDER,
+     'error: image folder {workdir}/data has no captions: give metadata.jsonl (file_name, '
+     'text), metadata.csv or a .txt beside each image'),
+    ('metadata naming missing files', metadata_of_missing_files, ('rf',), FOLDER,
+     'error: image folder {workdir}/data: 2 of 2 examples unusable, more than '
+     'data.max_bad_fraction=0.01: 2 named in the metadata but missing (first: a.jpg); fix '
+     'them or raise data.max_bad_fraction'),
+    ('training on data never encoded', nothing, ('rf',), ['--config.rf.encoded=encode'],
+     'error: no encode shards in {workdir}/encode (meta.json missing): run stage encode first'),
     ('empty prompts file', empty_prompts_file, ('pairs',),
      ['--config.data.prompts_file={workdir}/prompts.txt'],
      'error: prompts file {workdir}/prompts.txt holds no prompt (every line is empty)'),
@@ -217,7 +245,30 @@ def test_every_count_field_is_checked_and_named(value):
   for section, name in _count_fields():
     config = shapes.get_config('quick')
     config[section][name] = value
+    if section not in config.stages:  # an optional stage (encode): checked when named
+      config.stages = (section,) + tuple(config.stages)
     with pytest.raises(ValueError, match=rf'^config\.{section}\.{name} = {value}: must be a '
                                          r'whole number >= 1$'):
       config_checks.check_config(config)
   config_checks.check_config(shapes.get_config('quick'))  # the defaults pass
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'data.source': 'lmdb'}, r"^config.data.source = 'lmdb': use one of tfds, folder, "
+                              r"webdataset$"),
+    ({'data.source': 'webdataset'}, r"^config.data.path = '': data.source 'webdataset' reads the "
+                                    r"files it names; set --config.data.path="),
+    ({'data.crop': 'left'}, r"^config.data.crop = 'left': use one of center, random$"),
+    ({'data.max_bad_fraction': 1.5}, r'^config.data.max_bad_fraction = 1.5: must be in '
+                                     r'\[0.0, 1.0\]$'),
+    ({'reflow.encoded': 'encode'}, r"^config.reflow.encoded = 'encode' and config.reflow.pairs = "
+                                   r"'pairs': a stage trains on encoded data or on pairs, not "
+                                   r'both'),
+])
+def test_data_fields_are_checked_and_named(fields, message):
+  config = shapes.get_config('quick')
+  for field, value in fields.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    config_checks.check_config(config)

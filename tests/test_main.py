@@ -33,6 +33,15 @@ def flat(tree):
   return [jax.tree_util.keystr(p) for p, _ in leaves], [np.asarray(x) for _, x in leaves]
 
 
+def assert_same_final_params(reference_dir, stage_dir):
+  """The final params of two runs of a stage are bitwise equal."""
+  reference_paths, reference = flat(final_params(reference_dir))
+  paths, params = flat(final_params(stage_dir))
+  assert paths == reference_paths
+  for path, want, got in zip(reference_paths, reference, params):
+    np.testing.assert_array_equal(got, want, err_msg=path)
+
+
 def quick_config(tfds_dir, *stage_names):
   config = shapes.get_config('quick')
   config.data.data_dir = tfds_dir
@@ -81,11 +90,7 @@ def test_resume_after_sigkill_is_exact(quick_chain, tfds_dir, tmp_path):
   result = runs.run_main(workdir, tfds_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'rf: resumed from step' in result.stderr
-  reference_paths, reference = flat(final_params(reference_dir))
-  resumed_paths, resumed = flat(final_params(os.path.join(workdir, 'rf')))
-  assert resumed_paths == reference_paths
-  for path, ref, got in zip(reference_paths, reference, resumed):
-    np.testing.assert_array_equal(got, ref, err_msg=path)
+  assert_same_final_params(reference_dir, os.path.join(workdir, 'rf'))
   reference_losses = {r['step']: r['loss'] for r in loop.read_metrics(reference_dir) if 'loss' in r}
   resumed_losses = {r['step']: r['loss'] for r in loop.read_metrics(os.path.join(workdir, 'rf'))
                     if 'loss' in r}

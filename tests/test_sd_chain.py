@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from array_record.python import array_record_data_source
-from flax import serialization
 
 from configs import shapes
 from instaflow_jax import convert_cli
@@ -17,7 +15,7 @@ from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import stages
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.data import input as input_lib
-from instaflow_jax.data import pairs as pairs_lib
+from instaflow_jax.data import shards
 from instaflow_jax.training import loop
 from tests import tiny_models
 
@@ -27,10 +25,7 @@ GUIDANCE, STEPS = 2.0, 3
 
 
 def read_pairs(pairs_dir):
-  meta = pairs_lib.read_meta(pairs_dir)
-  source = array_record_data_source.ArrayRecordDataSource(
-      pairs_lib.complete_shards(pairs_dir, meta['num_shards']))
-  return meta, [serialization.msgpack_restore(source[i]) for i in range(len(source))]
+  return shards.read_meta(pairs_dir, 'pairs'), shards.read_records(pairs_dir, 'pairs')
 
 
 def write_lines(path, lines) -> str:

@@ -8,15 +8,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from array_record.python import array_record_data_source
-from flax import serialization
 
 from instaflow_jax import checkpoint
 from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import stages
 from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
-from instaflow_jax.data import pairs as pairs_lib
+from instaflow_jax.data import shards
 from instaflow_jax.models.stacked_unet import init_from_unet
 from instaflow_jax.stages import common
 from instaflow_jax.training import loop
@@ -27,10 +25,7 @@ pytestmark = pytest.mark.slow  # runs the quick chain and python -m instaflow_ja
 
 
 def read_pairs(pairs_dir):
-  meta = pairs_lib.read_meta(pairs_dir)
-  source = array_record_data_source.ArrayRecordDataSource(
-      pairs_lib.complete_shards(pairs_dir, meta['num_shards']))
-  return [serialization.msgpack_restore(source[i]) for i in range(len(source))]
+  return shards.read_records(pairs_dir, 'pairs')
 
 
 def test_chain_completes_every_stage(quick_chain):

@@ -1,7 +1,8 @@
-"""An exactly resumable image-text input pipeline over a random-access tfds source.
+"""An exactly resumable image-text input pipeline over a random-access source.
 
-Any tfds dataset with an image and a caption feature works the same way (the embedded
-captioned shapes, coco_captions, a user's own builder), once prepared as array_record:
+The source is a tfds dataset with an image and a caption feature (the embedded captioned
+shapes, coco_captions, a user's own builder), prepared as array_record, or files that need
+no builder: an image folder with captions or webdataset tar shards (data/files.py).
 
     config = InputConfig(name='captioned_shapes/size32', label_keys=('shape_1', 'colour_1'))
     data = create_input(config, tokenizer, global_batch_size=64, seed=0,
@@ -19,8 +20,14 @@ Caption dropout (for classifier-free guidance) is the trainer's business, not do
 
 batches() loads the examples of a batch (reading, decoding, resizing) with several worker
 threads (PIL and numpy release the GIL), each example by itself, so a batch is the same
-whatever their number. Images stay uint8 up to the device: the model's float range is
-made inside the jitted step (images.to_model_range).
+whatever their number. An image is prepared as Stable Diffusion's training scripts do:
+shorter side resized, centre or random crop, optional horizontal flip, the random choices
+drawn from (seed, epoch, example index). An image that cannot be decoded is skipped with a
+warning that counts them: the next readable example in index order takes its place, the
+same one every time, so a batch stays a function of (seed, step); more than
+max_bad_fraction of the source unreadable stops the run with an error. Images stay uint8
+up to the device: the model's float range is made inside the jitted step
+(images.to_model_range).
 
 The stages that need prompts only may read them from a plain text file instead
 (read_prompts, example_captions, PromptsInput).
@@ -35,10 +42,13 @@ import threading
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import logging
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from instaflow_jax import config_checks
 from instaflow_jax import parallel
+from instaflow_jax.data import files
 from instaflow_jax.data import shapes  # noqa: F401  (registers 'captioned_shapes' with tfds)
 from instaflow_jax.data.tokenizer import tokenize
 
@@ -47,8 +57,8 @@ Batch = Dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  """Which tfds dataset and features to read, and the image size to produce."""
-  name: str                       # tfds name, with an optional config: 'captioned_shapes/size16'
+  """Which source and features to read, and how to prepare the images."""
+  name: str = ''                  # tfds name, with an optional config: 'captioned_shapes/size16'
   split: str = 'train'
   image_key: str = 'image'        # feature paths; '/' goes into nested features
   caption_key: str = 'caption'    # a Text feature, or a sequence of them ('captions/text')
@@ -56,21 +66,42 @@ class InputConfig:
   label_keys: Tuple[str, ...] = ()  # integer features to pass through, e.g. class labels
   data_dir: Optional[str] = None
   builder_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  source: str = 'tfds'            # or 'folder', 'webdataset' (config_checks.DATA_SOURCES)
+  path: str = ''                  # the folder, or the tars (comma-separated paths, globs)
+  crop: str = 'center'            # or 'random'
+  random_flip: bool = False
+  max_bad_fraction: float = 0.01  # unreadable images (or unusable entries) tolerated
 
 
 def input_config(data_config, split: str) -> InputConfig:
-  """The InputConfig of `split` of a config's `data` section."""
-  return InputConfig(
-      name=data_config.name, split=split, image_key=data_config.image_key,
-      caption_key=data_config.caption_key, image_size=data_config.image_size,
-      data_dir=data_config.data_dir or None)
+  """The InputConfig of `split` of a config's `data` section (its source, path, crop,
+  random_flip and max_bad_fraction fields: the defaults where a config has none)."""
+  defaults = InputConfig()
+  optional = {field: data_config.get(field, getattr(defaults, field))
+              for field in ('source', 'path', 'crop', 'random_flip', 'max_bad_fraction')}
+  keys = dict(image_key=data_config.image_key, caption_key=data_config.caption_key)
+  if optional['source'] != 'tfds':  # a file source's examples have fixed keys
+    keys = dict(image_key=files.IMAGE_KEY, caption_key=files.CAPTION_KEY)
+  return InputConfig(name=data_config.name, split=split, image_size=data_config.image_size,
+                     data_dir=data_config.data_dir or None, **keys, **optional)
+
+
+def describe(config: InputConfig) -> str:
+  """The source and split, in a line: 'coco_captions:train', 'folder /data/x:train'."""
+  if config.source == 'tfds':
+    return f'{config.name}:{config.split}'
+  return f'{config.source} {config.path}:{config.split}'
 
 
 def open_source(config: InputConfig, captions_only: bool = False):
-  """The tfds random-access source of `config.split`, preparing it (as array_record) if needed.
+  """The random-access source of `config.split`: a tfds dataset (prepared as array_record
+  if needed), an image folder or webdataset shards.
 
-  captions_only: every feature but the caption's is left encoded (images are not decoded),
-  which reads the captions of a split several times faster (all_captions)."""
+  captions_only: images are not decoded (tfds: every feature but the caption's is left
+  encoded), which reads the captions of a split several times faster (all_captions)."""
+  if config.source != 'tfds':
+    return files.open_file_source(config.source, config.path, config.split,
+                                  config.max_bad_fraction, captions_only)
   try:
     builder = tfds.builder(config.name, data_dir=config.data_dir, file_format='array_record',
                            **config.builder_kwargs)
@@ -182,8 +213,10 @@ def example_captions(data_config, split: str, prompts_file: str = '') -> Sequenc
   return _SplitCaptions(input_config(data_config, split))
 
 
-def model_image(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, C] -> uint8 [size, size, 3]: shorter side resized, centre crop."""
+def model_image(image: np.ndarray, size: int,
+                crop_rng: Optional[np.random.Generator] = None) -> np.ndarray:
+  """uint8 [H, W, C] -> uint8 [size, size, 3]: shorter side resized, then the centre crop,
+  or with `crop_rng` a crop at a random position."""
   if image.ndim == 2 or image.shape[-1] == 1:
     image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
   image = image[..., :3]
@@ -192,10 +225,17 @@ def model_image(image: np.ndarray, size: int) -> np.ndarray:
     scale = size / min(height, width)
     resized = (max(size, round(width * scale)), max(size, round(height * scale)))
     image = np.asarray(Image.fromarray(image).resize(resized, Image.Resampling.BICUBIC))
-    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    slack = (image.shape[0] - size, image.shape[1] - size)
+    if crop_rng is None:
+      top, left = slack[0] // 2, slack[1] // 2
+    else:
+      top, left = (int(crop_rng.integers(0, s + 1)) for s in slack)
     image = image[top:top + size, left:left + size]
   return image
 
+
+# The random crop and flip of a sample: a stream of its own beside the caption's choice.
+_AUGMENTATION_STREAM = 0x63726f70  # 'crop'
 
 # More threads than this would add little (the Python parts of loading an example hold the
 # GIL) and crowd the host's other processes (one per accelerator on many GPU hosts).
@@ -210,7 +250,7 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def _worker_map(workers: int) -> Iterator[Callable]:
+def worker_map(workers: int) -> Iterator[Callable]:
   """A map() that runs its calls on `workers` threads, results in order; the threads stop
   at the end of the block."""
   if workers == 1:
@@ -267,8 +307,9 @@ class IndexedInput:
     indices = np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
     return epochs, indices
 
-  def load_example(self, index: int) -> Any:
-    """Example `index` of the source, as make_batch takes it."""
+  def load_example(self, index: int, epoch: int) -> Any:
+    """Example `index` of the source as shown in `epoch`, as make_batch takes it."""
+    del epoch
     return self.source[index]
 
   def make_batch(self, examples: Sequence[Any], epochs: np.ndarray, indices: np.ndarray) -> Batch:
@@ -277,8 +318,11 @@ class IndexedInput:
   def batch(self, step: int, map_fn: Callable = map) -> Batch:
     """This process's part of the global batch at `step`, its examples loaded through
     `map_fn` (by default in this thread; batches() passes its workers')."""
-    epochs, indices = self.sample_ids(step)
-    examples = list(map_fn(self.load_example, indices.tolist()))
+    return self.batch_of(*self.sample_ids(step), map_fn)
+
+  def batch_of(self, epochs: np.ndarray, indices: np.ndarray, map_fn: Callable = map) -> Batch:
+    """The batch of examples `indices`, each as shown in its epoch of `epochs`."""
+    examples = list(map_fn(self.load_example, indices.tolist(), epochs.tolist()))
     return self.make_batch(examples, epochs, indices)
 
   def batches(self, start_step: int = 0) -> Iterator[Batch]:
@@ -298,7 +342,7 @@ class IndexedInput:
     def produce():
       step = start_step
       try:
-        with _worker_map(self.workers) as map_fn:
+        with worker_map(self.workers) as map_fn:
           while not stop.is_set():
             put(self.batch(step, map_fn))
             step += 1
@@ -321,13 +365,17 @@ class IndexedInput:
 class ImageTextInput(IndexedInput):
   """Batches {'image': uint8 [b, H, W, 3], 'input_ids': int32 [b, T], labels: int32 [b]}.
 
-  `source` is any random-access sequence of examples (a tfds data source); b is this
-  process's share of `global_batch_size`. `tokenizer` is called as a CLIPTokenizer is.
+  `source` is any random-access sequence of examples (a tfds data source, a
+  files.RecordSource); b is this process's share of `global_batch_size`. `tokenizer` is
+  called as a CLIPTokenizer is. crop ('center' or 'random') and random_flip prepare the
+  images; a source that raises files.UnreadableImage for an example has it skipped, up to
+  max_bad_fraction of its examples.
   """
 
   def __init__(self, source, tokenizer, *, global_batch_size: int, image_size: int,
                image_key: str = 'image', caption_key: str = 'caption',
-               label_keys: Sequence[str] = (), seed: int = 0, process_index: int = 0,
+               label_keys: Sequence[str] = (), crop: str = 'center', random_flip: bool = False,
+               max_bad_fraction: float = 0.01, seed: int = 0, process_index: int = 0,
                process_count: int = 1, prefetch: int = 2, workers: Optional[int] = None):
     super().__init__(source, global_batch_size=global_batch_size, seed=seed,
                      process_index=process_index, process_count=process_count, prefetch=prefetch,
@@ -335,9 +383,15 @@ class ImageTextInput(IndexedInput):
     info = getattr(source, 'dataset_info', None)
     if info is not None:
       check_features(info, (image_key, caption_key) + tuple(label_keys))
+    if crop not in config_checks.CROPS:
+      raise ValueError(f'input: crop={crop!r}; use one of {", ".join(config_checks.CROPS)}')
     self.tokenizer = tokenizer
     self.image_size = image_size
     self.image_key, self.caption_key, self.label_keys = image_key, caption_key, tuple(label_keys)
+    self.crop, self.random_flip, self.max_bad_fraction = crop, random_flip, max_bad_fraction
+    self._unreadable = set()
+    self._latest_unreadable = ''  # why the latest of them could not be read
+    self._unreadable_lock = threading.Lock()
 
   def _caption(self, value, epoch: int, index: int) -> str:
     """One of the captions, picked by the sample's key (seed, epoch, index)."""
@@ -348,10 +402,48 @@ class ImageTextInput(IndexedInput):
     key = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
     return value[int(key) % len(value)]
 
-  def load_example(self, index: int) -> Tuple[Mapping, np.ndarray]:
-    """(example `index`, its image at the model's size)."""
-    example = self.source[index]
-    return example, model_image(np.asarray(_lookup(example, self.image_key)), self.image_size)
+  def load_example(self, index: int, epoch: int) -> Tuple[Mapping, np.ndarray]:
+    """(example `index`, or its substitute where unreadable, and its image at the model's
+    size, cropped and flipped as drawn for (seed, epoch, index))."""
+    example = self._readable_example(index)
+    rng = np.random.default_rng([self.seed, epoch, index, _AUGMENTATION_STREAM])
+    image = model_image(np.asarray(_lookup(example, self.image_key)), self.image_size,
+                        rng if self.crop == 'random' else None)
+    if self.random_flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return example, image
+
+  def _readable_example(self, index: int) -> Mapping:
+    """Example `index`, or where its image cannot be decoded the next readable one in
+    index order (wrapping round): the same substitute whatever the thread or the run."""
+    for offset in range(len(self.source)):
+      candidate = (index + offset) % len(self.source)
+      if candidate in self._unreadable:
+        self._check_unreadable()
+        continue
+      try:
+        return self.source[candidate]
+      except files.UnreadableImage as error:
+        self._skip(candidate, error)
+    raise ValueError(f'input: no image of {self.source!r} can be read')
+
+  def _skip(self, index: int, error: files.UnreadableImage) -> None:
+    """Counts an unreadable example, with a warning."""
+    with self._unreadable_lock:
+      self._unreadable.add(index)
+      self._latest_unreadable = str(error)
+      count = len(self._unreadable)
+    self._check_unreadable()
+    logging.warning('input: skipped an unreadable image (%s); %d so far of %d examples', error,
+                    count, len(self.source))
+
+  def _check_unreadable(self) -> None:
+    """A ValueError while the unreadable examples are more than max_bad_fraction."""
+    count = len(self._unreadable)
+    if count > self.max_bad_fraction * len(self.source):
+      raise ValueError(f'input: {count} images of {self.source!r} ({len(self.source)} examples) '
+                       f'cannot be read, more than data.max_bad_fraction='
+                       f'{self.max_bad_fraction:g}; the latest: {self._latest_unreadable}')
 
   def make_batch(self, examples, epochs, indices) -> Batch:
     examples, images = zip(*examples)
@@ -366,11 +458,13 @@ class ImageTextInput(IndexedInput):
 def create_input(config: InputConfig, tokenizer, *, global_batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2,
                  workers: Optional[int] = None) -> ImageTextInput:
-  """The pipeline over the tfds dataset of `config` (prepared as array_record if needed)."""
+  """The pipeline over the source of `config` (a tfds dataset is prepared as array_record
+  if needed)."""
   return ImageTextInput(
       open_source(config), tokenizer, global_batch_size=global_batch_size,
       image_size=config.image_size, image_key=config.image_key, caption_key=config.caption_key,
-      label_keys=config.label_keys, seed=seed, process_index=process_index,
+      label_keys=config.label_keys, crop=config.crop, random_flip=config.random_flip,
+      max_bad_fraction=config.max_bad_fraction, seed=seed, process_index=process_index,
       process_count=process_count, prefetch=prefetch, workers=workers)
 
 

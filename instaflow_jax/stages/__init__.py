@@ -10,6 +10,7 @@ from instaflow_jax import text_side
 from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.stages import common
 from instaflow_jax.stages import distill
+from instaflow_jax.stages import encode
 from instaflow_jax.stages import evaluate
 from instaflow_jax.stages import pairs
 from instaflow_jax.stages import train_flow
@@ -18,6 +19,7 @@ from instaflow_jax.training import loop
 # Each kind of stage (config_checks.STAGE_KINDS) and what runs it, given the config and its
 # directory WORKDIR/<stage>, whose name is the config section the stage reads.
 STAGES = {
+    'encode': encode.run_encode,
     'rf': train_flow.run_train_flow,
     'pairs': pairs.run_pairs,
     'reflow': train_flow.run_train_flow,

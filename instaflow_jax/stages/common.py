@@ -13,11 +13,13 @@ from instaflow_jax import pipeline as pipeline_lib
 from instaflow_jax import sampling
 from instaflow_jax import trained_unet
 from instaflow_jax import workdir as workdir_lib
+from instaflow_jax.data import encoded as encoded_lib
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
 from instaflow_jax.models import abstract
 from instaflow_jax.models.stacked_unet import StackedUNet
 from instaflow_jax.models.stacked_unet import init_from_unet
+from instaflow_jax.stages import encode
 
 
 def frozen_params(pipe: pipeline_lib.Pipeline) -> dict:
@@ -108,10 +110,17 @@ def trained_part(config: ml_collections.ConfigDict, stage: str, pipe: pipeline_l
 
 def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config,
                    prompts_only: bool = False):
-  """The stage's batches: images and captions, or (for reflow) the teacher's pairs. A
-  stage that needs `prompts_only` reads data.prompts_file's prompts when it names one."""
+  """The stage's batches: images and captions, the encode stage's latents and text states
+  (`encoded`), or (for reflow) the teacher's pairs. A stage that needs `prompts_only` reads
+  data.prompts_file's prompts when it names one."""
   kwargs = dict(global_batch_size=train_config.batch_size, seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
+  if train_config.get('encoded'):
+    encoded_dir = os.path.join(os.path.dirname(stage_dir), train_config.encoded)
+    data = encoded_lib.EncodedInput(encoded_dir, **kwargs)
+    encoded_lib.check_compatible(data.meta, pipe.latent_shape, encode.text_shape(pipe),
+                                 encoded_dir)
+    return data
   if not train_config.pairs and prompts_only and prompts_file(config):
     return input_lib.PromptsInput(input_lib.read_prompts(prompts_file(config)),
                                   pipe.tokenizer, **kwargs)

@@ -63,14 +63,15 @@ EVALUATOR_DIR = 'evaluator'
 
 def real_examples(config: ml_collections.ConfigDict, split: str, count: int):
   """(images float [N, S, S, 3] in [0, 1], captions, examples) of the first `count`."""
-  source = input_lib.open_source(input_lib.input_config(config.data, split))
+  data_config = input_lib.input_config(config.data, split)
+  source = input_lib.open_source(data_config)
   if count > len(source):
-    raise ValueError(f'eval: {count} examples asked of {config.data.name}:{split}, which has '
-                     f'{len(source)}; lower eval.num_prompts')
+    raise ValueError(f'eval: {count} examples asked of {input_lib.describe(data_config)}, '
+                     f'which has {len(source)}; lower eval.num_prompts')
   examples = [source[i] for i in range(count)]
-  images = np.stack([input_lib.model_image(np.asarray(e[config.data.image_key]),
+  images = np.stack([input_lib.model_image(np.asarray(e[data_config.image_key]),
                                            config.data.image_size) for e in examples])
-  captions = [input_lib.captions_of(e, config.data.caption_key)[0] for e in examples]
+  captions = [input_lib.captions_of(e, data_config.caption_key)[0] for e in examples]
   return image_io.to_unit_range(images), captions, examples
 
 

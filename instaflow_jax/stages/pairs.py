@@ -12,14 +12,13 @@ Pair i has the caption of example i of the prompt split, or prompt i of
 data.prompts_file (the captions cycle when there are more pairs than examples), and the
 noise X0 ~ N(0, I) drawn from a key folded from (seed, i), so any pair can be regenerated
 alone. Pairs are written in numbered shards
-(instaflow_jax/data/pairs.py); a restarted stage skips the shards on disk, so a killed run
+(instaflow_jax/data/shards.py); a restarted stage skips the shards on disk, so a killed run
 loses at most the shard in progress. Process p of n writes the shards j with j % n == p,
 on its own devices (each batch split over them, the teacher replicated): once the teacher
 is loaded, the processes work without waiting for each other until the stage ends.
 """
 import dataclasses
 import os
-import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -35,6 +34,7 @@ from instaflow_jax import workdir as workdir_lib
 from instaflow_jax.convert import diffusers as diffusers_io
 from instaflow_jax.data import input as input_lib
 from instaflow_jax.data import pairs as pairs_lib
+from instaflow_jax.data import shards
 from instaflow_jax.flow import rectified_flow
 from instaflow_jax.flow import samplers
 from instaflow_jax.models import formulations
@@ -63,6 +63,13 @@ def pair_captions(captions: Sequence[list], indices) -> list:
 def prompt_captions(config: ml_collections.ConfigDict) -> Sequence[list]:
   """The pairs' prompts: data.prompts_file's lines, or the captions of pairs.split."""
   return input_lib.example_captions(config.data, config.pairs.split, common.prompts_file(config))
+
+
+def prompts_description(config: ml_collections.ConfigDict) -> str:
+  """Where the pairs' prompts come from, as meta.json records it."""
+  if common.prompts_file(config):
+    return f'file:{common.prompts_file(config)}'
+  return input_lib.describe(input_lib.input_config(config.data, config.pairs.split))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,47 +149,37 @@ def _write_pairs(config: ml_collections.ConfigDict, stage_dir: str,
   pipe = teacher.pipe
   params = parallel.put(pipe.params, layout.replicated)
   latent_shape = pipe.latent_shape
-  ranges = pairs_lib.shard_ranges(pairs_config.num_pairs, pairs_config.shard_size)
-  prompts = (f'file:{common.prompts_file(config)}' if common.prompts_file(config)
-             else f'{config.data.name}:{pairs_config.split}')
+  ranges = shards.shard_ranges(pairs_config.num_pairs, pairs_config.shard_size)
   meta = {
       'latent_shape': list(latent_shape), 'max_length': int(pipe.tokenizer.model_max_length),
       'num_pairs': pairs_config.num_pairs, 'shard_size': pairs_config.shard_size,
-      'num_shards': len(ranges), 'seed': config.seed, 'prompts': prompts,
+      'num_shards': len(ranges), 'seed': config.seed,
+      'prompts': prompts_description(config),
       'teacher': teacher.description(pairs_config.guidance)}
   # meta.json first: it refuses pairs on disk made with other settings.
-  parallel.process_0_first('pairs meta', lambda: pairs_lib.write_meta(stage_dir, meta))
+  parallel.process_0_first('pairs meta', lambda: shards.write_meta(stage_dir, pairs_lib.KIND,
+                                                                   meta))
   workdir_lib.write_stage_config(stage_dir, config)
   solve = teacher_solver(pipe.modules, teacher.solver, layout)
   guided = rectified_flow.uses_guidance(pairs_config.guidance)
-  batch = pairs_config.batch_size
-  uncond_ids = pipe.tokenize([''] * batch) if guided else None
-  mine = [j for j in range(len(ranges)) if j % jax.process_count() == jax.process_index()]
-  todo = [j for j in mine if not os.path.exists(pairs_lib.shard_path(stage_dir, j, len(ranges)))]
-  logging.info('pairs: %d of %d shards to write (%s teacher, %s, guidance %.2f)', len(todo),
-               len(mine), pipe.kind, teacher.solver, pairs_config.guidance)
-  start, done, evaluations = time.time(), 0, []
-  for j in todo:
-    records = []
-    for first in range(ranges[j].start, ranges[j].stop, batch):
-      indices = np.arange(first, min(first + batch, ranges[j].stop))
-      # The last batch is padded to the full size: one compiled program for every batch.
-      padded = np.concatenate([indices, np.full(batch - len(indices), indices[-1])])
-      x0 = pair_noise(config.seed, padded, latent_shape)
-      ids = pipe.tokenize(pair_captions(captions, padded))
-      x1, nfe = solve(params, *layout.shard_batch((ids, uncond_ids, x0)),
-                      jnp.float32(pairs_config.guidance))
-      evaluations.append(int(nfe))
-      x0, x1 = np.asarray(x0), np.asarray(x1)
-      records += [{'index': int(i), 'x0': x0[k], 'x1': x1[k], 'input_ids': ids[k]}
-                  for k, i in enumerate(indices)]
-    pairs_lib.write_shard(pairs_lib.shard_path(stage_dir, j, len(ranges)), records)
-    done += len(records)
-    elapsed = time.time() - start
-    remaining = sum(len(ranges[k]) for k in todo) - done
-    logging.info('pairs: shard %d/%d written, %.1f pairs/s, ETA %.0f s, mean NFE %.1f',
-                 j + 1, len(ranges), done / elapsed, remaining * elapsed / done,
-                 np.mean(evaluations))
+  uncond_ids = pipe.tokenize([''] * pairs_config.batch_size) if guided else None
+  logging.info('pairs: %s teacher, %s, guidance %.2f', pipe.kind, teacher.solver,
+               pairs_config.guidance)
+  evaluations = []
+
+  def make_records(indices, padded):
+    x0 = pair_noise(config.seed, padded, latent_shape)
+    ids = pipe.tokenize(pair_captions(captions, padded))
+    x1, nfe = solve(params, *layout.shard_batch((ids, uncond_ids, x0)),
+                    jnp.float32(pairs_config.guidance))
+    evaluations.append(int(nfe))
+    x0, x1 = np.asarray(x0), np.asarray(x1)
+    return [{'index': int(i), 'x0': x0[k], 'x1': x1[k], 'input_ids': ids[k]}
+            for k, i in enumerate(indices)]
+
+  written = shards.write_missing_shards(
+      stage_dir, pairs_lib.KIND, ranges, pairs_config.batch_size, make_records, 'pairs',
+      lambda: f', mean NFE {np.mean(evaluations):.1f}')
   return {'num_pairs': pairs_config.num_pairs, 'num_shards': len(ranges),
-          'written_now': done, 'seconds': round(time.time() - start, 1),
+          'written_now': written['written_now'], 'seconds': written['seconds'],
           'mean_nfe': float(np.mean(evaluations)) if evaluations else None}
