@@ -261,11 +261,12 @@ def load_params(path: str, abstract_params, what: str = 'params'):
                           f'{str(e).splitlines()[0]}') from None
 
 
-def load_trained_params(trained: workdir_lib.TrainedParams, abstract_params):
+def load_trained_params(trained: workdir_lib.TrainedParams, abstract_params,
+                        what: str = 'params'):
   """The U-Net params that find_trained_params found: final params, or those of a train
-  state checkpoint."""
+  state checkpoint. `what` names them in messages."""
   if not trained.state_key:
-    return load_params(trained.params_path, abstract_params)
+    return load_params(trained.params_path, abstract_params, what)
   return _train_state_params(trained.params_path, trained.state_key, abstract_params)
 
 

@@ -40,13 +40,15 @@ def merged(base_params, lora, lora_config):
   return lora_lib.merge(base_params, lora, lora_scale(lora_config))
 
 
-def load(trained: workdir_lib.TrainedParams, abstract_params, base_params):
+def load(trained: workdir_lib.TrainedParams, abstract_params, base_params,
+         what: str = 'params'):
   """The U-Net params of one of our stages. `abstract_params`: the U-Net's structure;
-  `base_params`: the base model's params, where a LoRA stage started from them."""
+  `base_params`: the base model's params, where a LoRA stage started from them; `what`:
+  the config field that named them, for messages."""
   config = trained.stage_config()
   lora_config = stage_lora(config, trained.stage)
   if lora_config is None:
-    return checkpoint.load_trained_params(trained, abstract_params)
+    return checkpoint.load_trained_params(trained, abstract_params, what)
   init = config.get(trained.stage, {}).get('init', '')
   if not init and base_params is None:
     raise ValueError(f'{trained.params_path}: a LoRA on the base model, which a stacked U-Net '
@@ -54,14 +56,15 @@ def load(trained: workdir_lib.TrainedParams, abstract_params, base_params):
   start = (base_params if not init else
            params_at(workdir_lib.stage_params_path(trained.workdir, init, f'{trained.stage}.init'),
                      abstract_params, base_params, f'{trained.stage}.init'))
-  return merged(start, load_lora(trained, lora_config, checkpoint.abstract_like(start)),
+  return merged(start, load_lora(trained, lora_config, checkpoint.abstract_like(start), what),
                 lora_config)
 
 
-def load_lora(trained: workdir_lib.TrainedParams, lora_config, abstract_params):
+def load_lora(trained: workdir_lib.TrainedParams, lora_config, abstract_params,
+              what: str = 'params'):
   """The LoRA alone that a LoRA stage trained on a U-Net of `abstract_params`."""
   abstract_lora = jax.eval_shape(lambda p: init_lora(p, lora_config, 0), abstract_params)
-  return checkpoint.load_trained_params(trained, abstract_lora)
+  return checkpoint.load_trained_params(trained, abstract_lora, what)
 
 
 def params_at(path: str, abstract_params, base_params, what: str) -> Any:
@@ -71,5 +74,5 @@ def params_at(path: str, abstract_params, base_params, what: str) -> Any:
   if os.path.basename(os.path.normpath(path)) == workdir_lib.FINAL_PARAMS and os.path.isfile(
       config_path):
     return load(workdir_lib.TrainedParams(config_path, os.path.abspath(path)), abstract_params,
-                base_params)
+                base_params, what)
   return checkpoint.load_params(path, abstract_params, what=what)
