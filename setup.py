@@ -15,6 +15,8 @@ TEST_REQUIRES = [
     'nbformat',
     'jupytext',  # the notebooks' sources, colabs/*.py
     'pytest',
+    'pytest-xdist',  # the suite runs on both cores (-n 2)
+    'filelock',  # the workers make the shared quick chain once
 ]
 
 setup(

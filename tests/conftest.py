@@ -35,10 +35,37 @@ def cpu_kernels_on(monkeypatch):
   monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', 'kernel')
 
 
+def _made_once(tmp_path_factory, name: str, make) -> str:
+  """A directory that `make(path)` fills once for the whole run: under pytest-xdist, the
+  first worker to ask makes it (the others wait on a lock), in the directory the workers'
+  own temporary directories share."""
+  if os.environ.get('PYTEST_XDIST_WORKER') is None:
+    path = tmp_path_factory.mktemp(name)
+    make(str(path))
+    return str(path)
+  import filelock
+  path = tmp_path_factory.getbasetemp().parent / name
+  with filelock.FileLock(f'{path}.lock'):
+    if not (path / '.made').exists():
+      path.mkdir(exist_ok=True)
+      make(str(path))
+      (path / '.made').touch()
+  return str(path)
+
+
+def _prepare_quick_dataset(data_dir: str):
+  """configs/shapes.py:quick's dataset, prepared before any test reads it: tfds must not
+  build one dataset in two processes at once."""
+  from configs import shapes as shapes_configs
+  from instaflow_jax.data import shapes
+  config = shapes_configs.get_config('quick').data
+  shapes.prepared_builder(config.image_size, data_dir)
+
+
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   """A tfds data_dir shared by the tests that run main on configs/shapes.py:quick."""
-  return str(tmp_path_factory.mktemp('tensorflow_datasets'))
+  return _made_once(tmp_path_factory, 'tensorflow_datasets', _prepare_quick_dataset)
 
 
 @pytest.fixture(scope='session')
@@ -46,10 +73,11 @@ def quick_chain(tmp_path_factory, tfds_dir):
   """One uninterrupted run of configs/shapes.py:quick through every stage: the reference
   that the resume, stage and bad-input tests compare against and start from."""
   from tests import runs
-  workdir = str(tmp_path_factory.mktemp('quick_chain'))
-  result = runs.run_main(workdir, tfds_dir, stages=runs.CHAIN)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+
+  def run_chain(workdir):
+    result = runs.run_main(workdir, tfds_dir, stages=runs.CHAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+  return _made_once(tmp_path_factory, 'quick_chain', run_chain)
 
 
 def pytest_configure(config):
