@@ -36,11 +36,22 @@ def test_config_passes_the_checks_a_run_starts_with(name):
   config_checks.check_config(_load(name))
 
 
-@pytest.mark.parametrize('variant', ['quick', None])
+@pytest.mark.parametrize('variant', ['quick', None, 'long'])
 def test_shapes_runs_the_whole_chain(variant):
   """Every stage but the optional encode (pixel space has no encoders worth caching)."""
   from configs import shapes
   assert shapes.get_config(variant).stages == tuple(s for s in stages.STAGES if s != 'encode')
+
+
+def test_long_shapes_trains_longer_on_more_pairs_and_changes_nothing_else():
+  from configs import shapes
+  default, long = shapes.get_config(), shapes.get_config('long')
+  for stage in ('rf', 'reflow', 'distill'):
+    assert long[stage].steps > default[stage].steps, stage
+    long[stage].steps = default[stage].steps
+  assert long.pairs.num_pairs > default.pairs.num_pairs
+  long.pairs.num_pairs = default.pairs.num_pairs
+  assert long.to_dict() == default.to_dict()
 
 
 def test_unknown_shapes_variant_is_named():
