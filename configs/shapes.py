@@ -9,7 +9,7 @@ word-level tokenizer over the training captions' words, both stored with the run
   python -m instaflow_jax.main --config=configs/shapes.py:quick --workdir=/tmp/quick
 
 `:quick` shrinks the same config so that every code path runs in about a minute (tests,
-smoke runs); `:long` trains each stage longer, on four times the pairs (about an hour on
+smoke runs); `:long` trains each stage longer, on four times the pairs (about 65 min on
 2 cores), for a teacher that draws most prompts exactly. Override any field from the
 command line, e.g. --config.rf.steps=100.
 """
@@ -154,7 +154,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   # The one-step student, distilled from the 2-RF teacher, which solves its (straight)
   # ODE inside each step. Pixel space has no pretrained LPIPS trunk here (nothing can be
   # downloaded), so the loss is pseudo-Huber on pixels, chosen explicitly.
-  c.distill = training_config(quick, steps=20 if quick else 500 if long else 300)
+  c.distill = training_config(quick, steps=20 if quick else 1500 if long else 300)
   c.distill.ema_decay = 0.99
   c.distill.optimizer.lr = 5e-4
   c.distill.update(dict(
