@@ -86,7 +86,7 @@ def assert_stages_complete(workdir: str, source: str, stage_names=CHAIN) -> None
   assert len(shards.read_records(os.path.join(workdir, 'pairs'), 'pairs')) == 16
   assert shards.read_meta(os.path.join(workdir, 'pairs'), 'pairs')['prompts'].startswith(
       f'{source} ')  # the captions of the layout's pairs.split
-  for stage in set(stage_names) & {'rf', 'reflow', 'distill'}:
+  for stage in [name for name in stage_names if name in ('rf', 'reflow', 'distill')]:
     assert losses(os.path.join(workdir, stage)) and np.all(np.isfinite(
         losses(os.path.join(workdir, stage)))), stage
 
