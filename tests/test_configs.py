@@ -43,7 +43,7 @@ def test_shapes_runs_the_whole_chain(variant):
   assert shapes.get_config(variant).stages == tuple(s for s in stages.STAGES if s != 'encode')
 
 
-def test_long_shapes_trains_longer_on_more_pairs_and_changes_nothing_else():
+def test_long_shapes_trains_longer_on_more_pairs_at_its_measured_lr_and_changes_nothing_else():
   from configs import shapes
   default, long = shapes.get_config(), shapes.get_config('long')
   for stage in ('rf', 'reflow', 'distill'):
@@ -51,6 +51,8 @@ def test_long_shapes_trains_longer_on_more_pairs_and_changes_nothing_else():
     long[stage].steps = default[stage].steps
   assert long.pairs.num_pairs > default.pairs.num_pairs
   long.pairs.num_pairs = default.pairs.num_pairs
+  assert long.rf.optimizer.lr < default.rf.optimizer.lr  # the lr its 10000 steps were measured at
+  long.rf.optimizer.lr = default.rf.optimizer.lr
   assert long.to_dict() == default.to_dict()
 
 
