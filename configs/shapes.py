@@ -117,7 +117,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   ))
 
   # The teacher's steps are what makes it follow its prompts: at 1000 it ignored them (exact
-  # prompt fidelity 0.01), at 4000 it draws 46% exactly, at 10000 (:long) 86%
+  # prompt fidelity 0.01), at 4000 it draws 52% exactly, at 10000 (:long) 86%
   # (docs/shapes_ablation.md).
   c.rf = training_config(quick, steps=30 if quick else 10000 if long else 4000)
   # Logit-normal times (SD3's) weight the middle of the path, where the text decides the
