@@ -123,7 +123,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   # Logit-normal times (SD3's) weight the middle of the path, where the text decides the
   # layout: the same fidelity as uniform times at 3000 steps, better colours and counts.
   c.rf.time.kind = 'logit_normal'
-  # Twice the other stages' learning rate: 0.517 exact at 4000 steps against 0.458 at 1e-3
+  # Twice the 2-RF's learning rate: 0.517 exact at 4000 steps against 0.458 at 1e-3
   # (4e-3: 0.480). :long's 10000 steps were measured at 1e-3 (docs/shapes_ablation.md).
   c.rf.optimizer.lr = 1e-3 if long else 2e-3
   c.rf.sample_guidance = 2.0        # the grid with classifier-free guidance (trained with dropout)
