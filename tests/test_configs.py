@@ -52,10 +52,9 @@ def test_long_shapes_trains_longer_on_more_pairs_at_its_measured_lr_and_changes_
   assert long.pairs.num_pairs > default.pairs.num_pairs
   long.pairs.num_pairs = default.pairs.num_pairs
   # The learning rates its stages were measured at.
-  assert (long.rf.optimizer.lr, long.reflow.optimizer.lr) == (1e-3, 1e-3)
+  assert (long.rf.optimizer.lr, long.reflow.optimizer.lr) == (1e-3, 5e-4)
   assert (default.rf.optimizer.lr, default.reflow.optimizer.lr) == (2e-3, 5e-4)
   long.rf.optimizer.lr = default.rf.optimizer.lr
-  long.reflow.optimizer.lr = default.reflow.optimizer.lr
   assert long.to_dict() == default.to_dict()
 
 
