@@ -84,7 +84,7 @@ def training(**settings) -> ml_collections.ConfigDict:
                      b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
                      mu_dtype=''),  # AdamW's first moment: '' = float32; 'bfloat16' halves it
       time=dict(kind='uniform', logit_mean=0.0, logit_std=1.0, u_shape_a=4.0),
-      loss='l2',                    # or 'pseudo_huber'
+      loss='l2',                    # or 'l1', 'pseudo_huber'
       caption_dropout=0.1,          # classifier-free guidance training
       init='',                      # '' = the diffusers folder's U-Net
       pairs='',                     # train on the pairs of this stage (reflow) instead of data

@@ -204,7 +204,7 @@ def training_config(quick: bool, steps: int) -> ml_collections.ConfigDict:
       mu_dtype=''))                 # AdamW's first moment: '' = the params' dtype, or 'bfloat16'
   t.time = ml_collections.ConfigDict(dict(
       kind='uniform', logit_mean=0.0, logit_std=1.0, u_shape_a=4.0))
-  t.loss = 'l2'                     # or 'pseudo_huber'
+  t.loss = 'l2'                     # or 'l1', 'pseudo_huber'
   t.caption_dropout = 0.1           # classifier-free guidance training
   t.init = ''                       # params to start from ('' = fresh init or the base model)
   t.pairs = ''                      # train on the pairs of this stage (reflow) instead of data

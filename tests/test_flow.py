@@ -68,8 +68,8 @@ def test_time_distributions_have_their_densities():
 def test_unknown_time_distribution_and_loss_are_named():
   with pytest.raises(ValueError, match="'beta'"):
     rectified_flow.sample_time(jax.random.key(0), 2, 'beta')
-  with pytest.raises(ValueError, match="'l1'"):
-    rectified_flow.per_example_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 'l1')
+  with pytest.raises(ValueError, match="'huber'"):
+    rectified_flow.per_example_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 'huber')
 
 
 def test_losses():
@@ -77,6 +77,8 @@ def test_losses():
   target = jnp.array([[0.0, 0.0], [3.0, 4.0]])
   np.testing.assert_allclose(rectified_flow.per_example_loss(prediction, target, 'l2'),
                              [2.5, 12.5])
+  np.testing.assert_allclose(rectified_flow.per_example_loss(prediction, target, 'l1'),
+                             [1.5, 3.5])
   huber = rectified_flow.per_example_loss(prediction, target, 'pseudo_huber', huber_c=1.0)
   np.testing.assert_allclose(huber, [np.sqrt(5 + 1) - 1, np.sqrt(25 + 1) - 1], rtol=1e-6)
   default_c = 0.00054 * np.sqrt(2)

@@ -78,13 +78,18 @@ def per_example_loss(prediction: jax.Array, target: jax.Array, kind: str = 'l2',
   """The regression loss of each example of a batch, in float32.
 
   l2:            mean squared error over all dimensions of an example.
+  l1:            mean absolute error: each dimension's median, not its mean, is the
+                 minimiser, so where the target is one of several modes the prediction
+                 takes the likeliest instead of a faint blend of them.
   pseudo_huber:  sqrt(||d||^2 + c^2) - c over the whole example (2-RF++), with
                  c = 0.00054 * sqrt(dim) unless given.
   """
   diff = (prediction.astype(jnp.float32) - target.astype(jnp.float32)).reshape(target.shape[0], -1)
   if kind == 'l2':
     return jnp.mean(jnp.square(diff), axis=1)
+  if kind == 'l1':
+    return jnp.mean(jnp.abs(diff), axis=1)
   if kind == 'pseudo_huber':
     c = 0.00054 * jnp.sqrt(float(diff.shape[1])) if huber_c is None else huber_c
     return jnp.sqrt(jnp.sum(jnp.square(diff), axis=1) + c * c) - c
-  raise ValueError(f"loss {kind!r} is unknown; use 'l2' or 'pseudo_huber'")
+  raise ValueError(f"loss {kind!r} is unknown; use 'l2', 'l1' or 'pseudo_huber'")

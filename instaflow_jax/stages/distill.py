@@ -6,7 +6,7 @@ the same X0 with the same text. X1 is computed inside the step by the teacher (a
 Euler solve with guidance w) from the batch's prompts alone (data.prompts_file's, or the
 dataset's captions), or read from a pairs stage (`distill.pairs`).
 
-Losses: 'l2' and 'pseudo_huber' on latents, 'lpips' on decoded images, 'lpips_huber'
+Losses: 'l2', 'l1' and 'pseudo_huber' on latents, 'lpips' on decoded images, 'lpips_huber'
 (LPIPS + pseudo-Huber, 2-RF++); `loss` is used until `switch_step`, then `loss_after`
 (the released InstaFlow-0.9B: L2, then LPIPS). LPIPS needs pretrained trunk weights
 (`lpips_trunk_path`); there is no fallback.
@@ -28,7 +28,7 @@ from instaflow_jax.models import stacked_unet
 from instaflow_jax.stages import common
 from instaflow_jax.training import loop
 
-LATENT_LOSSES = ('l2', 'pseudo_huber')
+LATENT_LOSSES = ('l2', 'l1', 'pseudo_huber')
 IMAGE_LOSSES = ('lpips', 'lpips_huber')
 
 
