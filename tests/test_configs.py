@@ -43,7 +43,7 @@ def test_shapes_runs_the_whole_chain(variant):
   assert shapes.get_config(variant).stages == tuple(s for s in stages.STAGES if s != 'encode')
 
 
-def test_long_shapes_trains_longer_on_more_pairs_at_its_measured_lr_and_changes_nothing_else():
+def test_long_shapes_trains_longer_on_more_pairs_as_measured_and_changes_nothing_else():
   from configs import shapes
   default, long = shapes.get_config(), shapes.get_config('long')
   for stage in ('rf', 'reflow', 'distill'):
@@ -55,6 +55,10 @@ def test_long_shapes_trains_longer_on_more_pairs_at_its_measured_lr_and_changes_
   assert (long.rf.optimizer.lr, long.reflow.optimizer.lr) == (1e-3, 5e-4)
   assert (default.rf.optimizer.lr, default.reflow.optimizer.lr) == (2e-3, 5e-4)
   long.rf.optimizer.lr = default.rf.optimizer.lr
+  # Its teacher was measured with one transformer layer at 6x6, the default's with two.
+  assert (long.model.unet.transformer_layers_per_block,
+          default.model.unet.transformer_layers_per_block) == (1, 2)
+  long.model.unet.transformer_layers_per_block = 2
   assert long.to_dict() == default.to_dict()
 
 
