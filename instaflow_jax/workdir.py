@@ -101,6 +101,21 @@ def is_complete(stage_dir: str) -> bool:
   return os.path.exists(os.path.join(stage_dir, DONE_FILE))
 
 
+def warn_changes_to_complete_stage(stage_dir: str, config: ml_collections.ConfigDict,
+                                   section: str) -> None:
+  """Logs each field of the config section a complete stage reads that differs from what
+  it ran with: the stage is skipped, so the new value would otherwise go unnoticed (later
+  stages read what the stage holds, e.g. the pairs it wrote, not what the config says)."""
+  previous = read_stage_config(stage_dir)
+  if not previous or section not in previous or section not in config:
+    return
+  current = json.loads(config[section].to_json_best_effort())
+  for field, old, new in changed_fields(previous[section], current, f'{section}.'):
+    logging.warning('stage %s is complete: %s is %s there, %s in this config, which does '
+                    'not apply to it; remove %s to redo the stage with it', section, field,
+                    json.dumps(old), json.dumps(new), stage_dir)
+
+
 def mark_complete(stage_dir: str, summary: Mapping[str, Any]) -> None:
   """Written by process 0 once every process has finished the stage."""
   parallel.sync(f'{stage_dir} done')

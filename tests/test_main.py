@@ -62,10 +62,15 @@ def test_quick_run_writes_checkpoints_metrics_and_sample_grids(quick_chain):
   assert final_params(stage_dir)
 
 
-def test_a_complete_stage_is_skipped(quick_chain, tfds_dir):
-  result = runs.run_main(quick_chain, tfds_dir)
+def test_a_complete_stage_is_skipped_with_a_warning_for_what_changed(quick_chain, tfds_dir):
+  result = runs.run_main(quick_chain, tfds_dir, '--config.pairs.num_pairs=128',
+                         stages=('rf', 'pairs'))
   assert result.returncode == 0
   assert 'stage rf: already complete' in result.stderr
+  assert (f'stage pairs is complete: pairs.num_pairs is 64 there, 128 in this config, which '
+          f'does not apply to it; remove {quick_chain}/pairs to redo the stage with it'
+          ) in result.stderr
+  assert result.stderr.count(' is complete: ') == 1  # only the field that changed
 
 
 def test_resume_after_sigkill_is_exact(quick_chain, tfds_dir, tmp_path):

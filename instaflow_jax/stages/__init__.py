@@ -47,6 +47,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> None:
       stage_dir = os.path.join(workdir, stage)
       if workdir_lib.is_complete(stage_dir):
         logging.info('stage %s: already complete in %s, skipped', stage, stage_dir)
+        workdir_lib.warn_changes_to_complete_stage(stage_dir, config, stage)
         continue
       logging.info('stage %s: running in %s', stage, stage_dir)
       summary = STAGES[config_checks.stage_kind(config, stage)](config, stage_dir)
