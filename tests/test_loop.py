@@ -89,6 +89,28 @@ def test_resume_continues_exactly(tmp_path):
       assert row['loss'] == ref_rows[row['step']]['loss'], row['step']
 
 
+def heavy_toy_loss(params, frozen, batch, rng, step):
+  """toy_loss, with work for the device that takes far longer than dispatching the step."""
+  m = frozen['m']
+  for _ in range(3):
+    m = jnp.tanh(m @ m)
+  loss, aux = toy_loss(params, frozen, batch, rng, step)
+  return loss + 0 * jnp.mean(m), aux
+
+
+def test_steps_per_sec_counts_the_steps_done_not_those_dispatched(tmp_path):
+  # The host dispatches steps ahead of the device: timed at dispatch, the first report
+  # counted steps not yet done, hundreds of times the true rate (and an ETA as far off).
+  loop.train(toy_config(steps=30, log_every=10, checkpoint_every=1000), str(tmp_path),
+             stage='toy', init_params={'w': jnp.zeros(4)},
+             frozen={'bias': jnp.float32(0.5), 'm': jnp.full((512, 512), 1 / 512)},
+             loss_fn=heavy_toy_loss, batches=toy_batches)
+  first, *later = [r['steps_per_sec'] for r in loop.read_metrics(str(tmp_path))
+                   if 'steps_per_sec' in r]
+  assert len(later) == 2
+  assert first < 3 * max(later), (first, later)  # a margin for a busy machine's swings
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   with pytest.raises(loop.NonFiniteLossError,
                      match=r'toy: loss nan .* at step 6 is not finite; stopped. step 4 is the '

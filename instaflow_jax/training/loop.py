@@ -267,7 +267,8 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
       if step == start_step + 1:
         train_step = _compile_and_meet(train_step, args, stage)
       state, metrics = train_step(*args)
-      report(step)
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)  # steps/s is timed from the end of the first step
       unchecked.append((step, {k: metrics[k] for k in SPIKE_FACTORS}))
       last = step == config.steps
       logged = step % config.log_every == 0 or last
@@ -281,6 +282,9 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
           if not guard.observe(seen, values):
             _stop_diverged(guard, checkpointer, stage, seen, values, config.optimizer.lr)
         unchecked = []
+      # After the fetch above, which waits for this step: steps are dispatched ahead of the
+      # device, and timed at their dispatch the first report would count steps not yet done.
+      report(step)
       if logged:
         writer.write_scalars(step, jax.device_get(metrics))
       if sample_fn is not None and (step % config.sample_every == 0 or last):
