@@ -44,6 +44,13 @@ def test_quick_chain_report_has_every_number_finite(quick_chain):
     assert '| 2-RF + distill | Euler 1 |' in f.read()
 
 
+def test_the_plots_name_the_dopri5_star_only_where_a_model_has_one():
+  euler = {'1': {'fd': 300.0}, '4': {'fd': 280.0}}
+  assert report.plot_x_label('NFE', {'models': {'rf': euler, 'reflow': euler}}) == 'NFE'
+  with_dopri5 = {'rf': euler, 'reflow': dict(euler, dopri5={'fd': 279.0})}
+  assert report.plot_x_label('NFE', {'models': with_dopri5}) == 'NFE; star: Dopri5'
+
+
 def labels_of_scenes(scenes):
   return {k: np.array([shapes.label_names(k).index(s.labels()[k]) for s in scenes])
           for k in shapes.LABEL_KEYS}

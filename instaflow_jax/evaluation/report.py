@@ -76,7 +76,7 @@ def _plot(path: str, eval_config, metrics: dict, x_key: str, x_label: str) -> No
                 linestyle='none', color=line.get_color())
   axes.axhline(metrics['fd_floor'], color='grey', linestyle='--', label='real vs real')
   axes.set_xscale('log')
-  axes.set_xlabel(x_label + ('; star: Dopri5' if x_key == 'nfe' else ''))
+  axes.set_xlabel(plot_x_label(x_label, metrics))
   axes.set_ylabel('FD to real held-out images')
   axes.legend()
   figure.tight_layout()
@@ -84,6 +84,12 @@ def _plot(path: str, eval_config, metrics: dict, x_key: str, x_label: str) -> No
   figure.savefig(tmp, dpi=100)
   plt.close(figure)
   os.replace(tmp, path)
+
+
+def plot_x_label(x_label: str, metrics: dict) -> str:
+  """The axis label, with the key to the Dopri5 stars where some model has them."""
+  with_dopri5 = any('dopri5' in results for results in metrics['models'].values())
+  return x_label + ('; star: Dopri5' if with_dopri5 else '')
 
 
 def markdown(eval_config, metrics: dict) -> str:
