@@ -102,10 +102,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
           up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D') if quick else (
               'CrossAttnUpBlock2D', 'UpBlock2D', 'UpBlock2D'),
           layers_per_block=1,
-          # Two transformer layers at 6x6 bind the caption's words to the layout in the same
-          # steps that one leaves half-learnt: 0.68 exact at 4000 steps against 0.52, for
-          # little more time a step. :long's teacher was measured with one
-          # (docs/shapes_ablation.md).
+          # Two transformer layers at 6x6 bind the caption's words to the layout faster than
+          # one: 0.58 exact at 4000 steps on average over three seeds against 0.50 over two,
+          # for a step 1.13x slower; three draw no more. :long's teacher was measured with
+          # one (docs/shapes_ablation.md).
           transformer_layers_per_block=1 if quick or long else 2,
           attention_head_dim=2 if quick else 4,
           norm_num_groups=8,
@@ -122,8 +122,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   ))
 
   # The teacher's steps are what makes it follow its prompts: at 1000 it ignored them (exact
-  # prompt fidelity 0.01), at 4000 it draws 68% exactly (with one transformer layer 52%),
-  # at 10000 (:long, one layer) 86% (docs/shapes_ablation.md).
+  # prompt fidelity 0.01), at 4000 it draws 68% exactly at seed 0 (52% and 56% at seeds 1
+  # and 2), at 10000 (:long, one layer) 86% (docs/shapes_ablation.md).
   c.rf = training_config(quick, steps=30 if quick else 10000 if long else 4000)
   # Logit-normal times (SD3's) weight the middle of the path, where the text decides the
   # layout: the same fidelity as uniform times at 3000 steps, better colours and counts.
