@@ -212,3 +212,13 @@ def test_prompts_only_eval_refuses_before_any_compute(tmp_path, flow_folder, pro
   with pytest.raises(ValueError, match=error):
     evaluate.run_eval(config, str(workdir / 'eval'))  # and when the stage starts
   assert not workdir.exists()
+
+
+def test_an_evaluator_that_misreads_real_images_says_so_and_what_to_do():
+  warning = se.misreading_warning(0.7825, steps=1000)
+  assert warning == (
+      "eval: the shapes evaluator reads only 78.2% of the real held-out images as their "
+      "captions say, and the models' fidelities are read as low: train it longer "
+      "(eval.evaluator_steps, now 1000) and delete WORKDIR/eval/evaluator")
+  assert se.misreading_warning(se.MIN_REAL_FIDELITY, steps=1000) is None
+  assert se.misreading_warning(0.98, steps=1000) is None

@@ -206,6 +206,7 @@ class ShapesJudge:
 
   def __init__(self, stage_dir: str, config, examples):
     self.evaluator = cached_evaluator(stage_dir, config, config.seed)
+    self.evaluator_steps = config.eval.evaluator_steps
     self.labels = labels_of(examples)
     self.scenes = [shapes.Scene.from_labels({k: v[i] for k, v in self.labels.items()})
                    for i in range(len(examples))]
@@ -217,8 +218,12 @@ class ShapesJudge:
 
   def about_real(self, real) -> dict:
     _, cells = self.evaluator.predict(real)
+    real_fidelity = shapes_evaluator.prompt_fidelity(self.scenes, cells)['fidelity']
+    warning = shapes_evaluator.misreading_warning(real_fidelity, self.evaluator_steps)
+    if warning:
+      logging.warning(warning)
     return {'evaluator_accuracy': shapes_evaluator.attribute_accuracy(cells, self.labels),
-            'real_fidelity': shapes_evaluator.prompt_fidelity(self.scenes, cells)['fidelity']}
+            'real_fidelity': real_fidelity}
 
 
 class InceptionJudge:
