@@ -40,8 +40,12 @@ def test_quick_chain_report_has_every_number_finite(quick_chain):
   for name in (report.REPORT_FILE, report.GRID_FILE, report.FD_VS_STEPS_FILE,
                report.FD_VS_SECONDS_FILE):
     assert os.path.getsize(os.path.join(eval_dir, name)) > 0, name
+  assert metrics['machine'].startswith('cpu (') and metrics['machine'].endswith(
+      ('; C++ kernels)', '; XLA formulations)'))
   with open(os.path.join(eval_dir, report.REPORT_FILE)) as f:
-    assert '| 2-RF + distill | Euler 1 |' in f.read()
+    text = f.read()
+  assert '| 2-RF + distill | Euler 1 |' in text
+  assert f"Measured on {metrics['machine']}." in text
 
 
 def test_the_plots_name_the_dopri5_star_only_where_a_model_has_one():

@@ -11,7 +11,10 @@ held-out split from fixed noise, and measured against the real held-out images:
 - fidelity: the fraction of images that show what their prompt says, as the evaluator
   reads them (captioned shapes only);
 - straightness of the Euler trajectories, the mean NFE of Dopri5, and the wall time per
-  image (compilation excluded and reported apart).
+  image (compilation excluded and reported apart);
+- the machine (formulations.description(): the backend, its device or CPU model, and on a
+  CPU whether the C++ kernels run), since the times are its and a model trained on another
+  CPU is another model.
 
 `eval.evaluator='inception'` measures photographs as the paper does (configs/coco_eval.py):
 FD in pytorch-fid's Inception features (its weight file, `eval.inception_path`) and the
@@ -299,7 +302,7 @@ def run_eval(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, 
   judge = make_judge(config, stage_dir, held_out)
   real_stats, real_metrics = measure_real(config, judge, held_out.real)
   metrics = {'num_prompts': len(captions), **prompts_source(config), **real_metrics,
-             'models': {}, 'straightness': {}}
+             'machine': formulations.description(), 'models': {}, 'straightness': {}}
   noise_key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_STREAM)
   grid_rows = []
   for model in eval_config.models:

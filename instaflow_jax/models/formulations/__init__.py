@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional
 import jax
 
 from instaflow_jax.models.formulations import cpu
+from instaflow_jax.models.formulations import cpu_kernels
 from instaflow_jax.models.formulations import gpu
 from instaflow_jax.models.formulations import portable
 from instaflow_jax.models.formulations import tpu_attention
@@ -55,6 +56,18 @@ def use(backend: str):
 def backend() -> str:
   """The backend whose formulations the layers use now."""
   return _forced.get() or jax.default_backend()
+
+
+def description() -> str:
+  """What computes the layers here, for comparing runs across machines: the backend and its
+  device, and on a CPU its model and whether the C++ kernels run. Rounding that differs in
+  the last bit (the kernels, or XLA's code for another CPU) sends a long training run
+  elsewhere, as another seed does."""
+  on = backend()
+  if on != 'cpu':
+    return f'{on} ({jax.devices()[0].device_kind})'
+  layers = 'C++ kernels' if cpu_kernels.in_use() else 'XLA formulations'
+  return f'cpu ({cpu_kernels.cpu_model() or "model unknown"}; {layers})'
 
 
 def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -114,13 +114,28 @@ def _build_key(command) -> str:
   return key.hexdigest()[:16]
 
 
-@functools.cache
+def in_use() -> bool:
+  """Whether the layers run the kernels here (where a layer's shape allows)."""
+  return _usable()
+
+
+def cpu_model() -> str:
+  """The CPU's model name, as /proc/cpuinfo gives it ('' where it gives none)."""
+  line = _cpuinfo_line(('model name',))
+  return line.partition(':')[2].strip()
+
+
 def _cpu_flags() -> str:
+  return _cpuinfo_line(('flags', 'Features'))
+
+
+@functools.cache
+def _cpuinfo_line(prefixes: Tuple[str, ...]) -> str:
   try:
     info = Path('/proc/cpuinfo').read_text()
   except OSError:
     return ''
-  return next((line for line in info.splitlines() if line.startswith(('flags', 'Features'))), '')
+  return next((line for line in info.splitlines() if line.startswith(prefixes)), '')
 
 
 @jax.custom_vjp
