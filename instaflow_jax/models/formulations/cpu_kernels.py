@@ -42,15 +42,16 @@ CHANNEL_MULTIPLE = 16  # kLanes
 
 def attention_applies(head_dim: int) -> bool:
   """Whether attention with this head dim runs in the kernel (building it on first call)."""
-  return head_dim % HEAD_DIM_MULTIPLE == 0 and _usable()
+  return head_dim % HEAD_DIM_MULTIPLE == 0 and in_use()
 
 
 def group_norm_applies(channels: int, activation) -> bool:
   """Whether GroupNorm over this many channels, then `activation`, runs in the kernel."""
-  return channels % CHANNEL_MULTIPLE == 0 and activation in (None, 'silu', 'swish') and _usable()
+  return channels % CHANNEL_MULTIPLE == 0 and activation in (None, 'silu', 'swish') and in_use()
 
 
-def _usable() -> bool:
+def in_use() -> bool:
+  """Whether the layers run the kernels here (where a layer's shape allows)."""
   return jax.device_count() == 1 and _chosen(_cpu_flags()) and _registered()
 
 
@@ -112,11 +113,6 @@ def _build_key(command) -> str:
   for part in (*command, jaxlib.__version__, _cpu_flags()):
     key.update(part.encode() + b'\0')
   return key.hexdigest()[:16]
-
-
-def in_use() -> bool:
-  """Whether the layers run the kernels here (where a layer's shape allows)."""
-  return _usable()
 
 
 def cpu_model() -> str:
