@@ -237,7 +237,8 @@ def test_an_unknown_kernel_setting_is_refused(monkeypatch):
 
 def test_the_description_names_the_cpu_and_what_computes_the_layers(monkeypatch):
   model = cpu_kernels.cpu_model() or 'model unknown'
-  assert model in open('/proc/cpuinfo').read() or model == 'model unknown'
+  with open('/proc/cpuinfo') as f:
+    assert model in f.read() or model == 'model unknown'
   monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', 'kernel')
   assert formulations.description() == f'cpu ({model}; C++ kernels)'
   monkeypatch.setenv('INSTAFLOW_JAX_CPU_KERNELS', 'xla')
