@@ -110,6 +110,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
           attention_head_dim=2 if quick else 4,
           norm_num_groups=8,
           cross_attention_dim=32 if quick else 64,
+          # 'text' adds the attention-pooled caption to the timestep embedding, so every
+          # resnet reads it: no better than cross-attention alone (docs/shapes_ablation.md).
+          addition_embed_type=ml_collections.config_dict.placeholder(str),
+          addition_embed_type_num_heads=4,
       ),
   ))
 

@@ -34,13 +34,14 @@ CASES = {
                  layers_per_block=1, cross_attention_dim=40, attention_head_dim=(2, 3, 4, 8),
                  use_linear_projection=True, transformer_layers_per_block=2, upcast_attention=True,
                  norm_num_groups=8), (8, 8), TIMESTEPS),
-    # Every other knob off its default; a 10-row sample down-samples (padding 0) to 5 then 2
+    # Every other knob off its default (the caption pooled into the timestep embedding too); a 10-row sample down-samples (padding 0) to 5 then 2
     # rows, so diffusers up-samples 2 -> 5 rows to an explicit size. A scalar timestep.
     'odd': (dict(in_channels=3, out_channels=5, block_out_channels=(32, 48, 64),
                  down_block_types=(_DOWN, _CA_DOWN, _CA_DOWN), up_block_types=(_CA_UP, _CA_UP, _UP),
                  layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
                  downsample_padding=0, freq_shift=1, flip_sin_to_cos=False, center_input_sample=True,
-                 mid_block_scale_factor=2.0, act_fn='gelu', norm_eps=1e-6, norm_num_groups=16),
+                 mid_block_scale_factor=2.0, act_fn='gelu', norm_eps=1e-6, norm_num_groups=16,
+                 addition_embed_type='text', addition_embed_type_num_heads=4),
             (10, 12), 250.5),
 }
 
@@ -156,7 +157,7 @@ def test_num_attention_heads_exports_as_diffusers_reads_it():
 
 
 @pytest.mark.parametrize('key,value', [
-    ('class_embed_type', 'timestep'), ('num_class_embeds', 10), ('addition_embed_type', 'text'),
+    ('class_embed_type', 'timestep'), ('num_class_embeds', 10), ('addition_embed_type', 'text_time'),
     ('encoder_hid_dim', 768), ('time_embedding_type', 'fourier'), ('time_cond_proj_dim', 256),
     ('dual_cross_attention', True), ('only_cross_attention', True),
     ('resnet_time_scale_shift', 'scale_shift'), ('mid_block_type', 'UNetMidBlock2DSimpleCrossAttn'),
@@ -168,6 +169,12 @@ def test_num_attention_heads_exports_as_diffusers_reads_it():
 def test_unsupported_setting_names_the_key(key, value):
   with pytest.raises(ValueError, match=f'unet config: {key}='):
     UNetConfig.from_diffusers_config({**CASES['sd1'][0], key: value})
+
+
+def test_text_pooling_heads_must_divide_the_text_width():
+  with pytest.raises(ValueError, match='addition_embed_type_num_heads=5 .*cross_attention_dim=48'):
+    UNetConfig.from_diffusers_config({**CASES['sd1'][0], 'addition_embed_type': 'text',
+                                      'addition_embed_type_num_heads': 5})
 
 
 @pytest.fixture(scope='module')

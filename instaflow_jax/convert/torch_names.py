@@ -9,6 +9,7 @@ and the leaf names translate as
   scale         <->  weight of a norm
   embedding     <->  weight of an Embedding
   bias          <->  bias
+  positional_embedding  <->  the nn.Parameter of that name (AttentionPooling's)
 
 Every check is against the expected tree (from jax.eval_shape of the model's init), and
 every error names the file and the first key that does not fit.
@@ -27,6 +28,8 @@ from instaflow_jax.models.abstract import flat_param_shapes
 # so are not list indices.
 _LITERAL_NAMES = frozenset({'linear_1', 'linear_2'})
 _INDEXED = re.compile(r'^(.+)_(\d+)$')
+# Leaves that are a torch module's own nn.Parameter, keyed by their name.
+_PARAMETER_LEAVES = frozenset({'positional_embedding'})
 
 
 class ConversionError(ValueError):
@@ -43,7 +46,7 @@ def torch_key(path: Tuple[str, ...]) -> str:
     else:
       parts.append(segment)
   leaf = path[-1]
-  parts.append('bias' if leaf == 'bias' else 'weight')
+  parts.append(leaf if leaf in _PARAMETER_LEAVES or leaf == 'bias' else 'weight')
   return '.'.join(parts)
 
 

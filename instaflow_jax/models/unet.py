@@ -38,7 +38,6 @@ _FIXED_KEYS = {
     'class_embed_type': None,
     'num_class_embeds': None,
     'class_embeddings_concat': False,
-    'addition_embed_type': None,
     'encoder_hid_dim': None,
     'encoder_hid_dim_type': None,
     'dual_cross_attention': False,
@@ -92,6 +91,10 @@ class UNetConfig:
   use_linear_projection: bool = False
   upcast_attention: bool = False
   resnet_time_scale_shift: str = 'default'
+  # 'text': the text encoder states, attention-pooled, join the timestep embedding, so
+  # every resnet reads the caption (diffusers' TextTimeEmbedding, as in Kandinsky and IF).
+  addition_embed_type: Optional[str] = None
+  addition_embed_type_num_heads: int = 64
 
   def __post_init__(self):
     levels = len(self.block_out_channels)
@@ -115,6 +118,11 @@ class UNetConfig:
                 'norm_num_groups'):
       if not isinstance(getattr(self, key), int):
         raise _unsupported(key, getattr(self, key), ' (need one int)')
+    if self.addition_embed_type not in (None, 'text'):
+      raise _unsupported('addition_embed_type', self.addition_embed_type, " (None or 'text')")
+    if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+      raise _unsupported('addition_embed_type_num_heads', self.addition_embed_type_num_heads,
+                         f' (must divide cross_attention_dim={self.cross_attention_dim})')
     try:
       layers.activation(self.act_fn)
     except ValueError as e:
@@ -220,6 +228,44 @@ class TimestepEmbedding(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.activation(self.act_fn)(layers.dense(self.features, 'linear_1', **kw)(x))
     return layers.dense(self.features, 'linear_2', axes=('mlp', 'embed'), **kw)(x)
+
+
+class AttentionPooling(nn.Module):
+  """[B, T, D] -> [B, D]: the tokens' mean plus a learned embedding attends to itself and
+  the tokens (padding included, as in diffusers)."""
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x.shape[-1]
+    init = nn.with_logical_partitioning(nn.initializers.normal(width ** -0.5), (None, 'embed'))
+    position = self.param('positional_embedding', init, (1, width), self.param_dtype)
+    query_token = jnp.mean(x, axis=1, keepdims=True) + position.astype(x.dtype)
+    tokens = jnp.concatenate([query_token, x], axis=1)
+    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, width // self.heads))
+    q = split(layers.dense(width, 'q_proj', **kw)(query_token))
+    k = split(layers.dense(width, 'k_proj', **kw)(tokens))
+    v = split(layers.dense(width, 'v_proj', **kw)(tokens))
+    return formulations.attention(q, k, v).reshape(x.shape[0], width)
+
+
+class TextTimeEmbedding(nn.Module):
+  """norm1 -> pool -> proj -> norm2: the text states as a timestep-embedding addend."""
+  features: int
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, context: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layers.layer_norm(1e-5, 'norm1', **kw)(context)
+    x = AttentionPooling(self.heads, name='pool', **kw)(x)
+    x = layers.dense(self.features, 'proj', **kw)(x)
+    return layers.layer_norm(1e-5, 'norm2', **kw)(x)
 
 
 def _geglu(x: jax.Array) -> jax.Array:
@@ -421,6 +467,9 @@ class UNet2DConditionModel(nn.Module):
     temb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
                               cfg.freq_shift).astype(self.dtype)
     temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name='time_embedding', **kw)(temb)
+    if cfg.addition_embed_type == 'text':
+      temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
+                                      name='add_embedding', **kw)(context)
 
     x = layers.conv(cfg.block_out_channels[0], 'conv_in', **kw)(sample)
     skips = [x]
