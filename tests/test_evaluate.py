@@ -15,8 +15,9 @@ from instaflow_jax.evaluation import shapes_evaluator as se
 from instaflow_jax.stages import evaluate
 from tests import tiny_models
 
-MEASURES = ('fd', 'fidelity', *(f'fidelity_{a}' for a in se.FIDELITY_ATTRIBUTES), 'nfe',
-            'seconds_per_image', 'compile_seconds')
+MEASURES = ('fd', 'fidelity', *(f'fidelity_{a}' for a in se.FIDELITY_ATTRIBUTES),
+            'fidelity_one_shape', 'fidelity_two_shapes', 'nfe', 'seconds_per_image',
+            'compile_seconds')
 
 
 def test_quick_chain_report_has_every_number_finite(quick_chain):
@@ -45,6 +46,7 @@ def test_quick_chain_report_has_every_number_finite(quick_chain):
   with open(os.path.join(eval_dir, report.REPORT_FILE)) as f:
     text = f.read()
   assert '| 2-RF + distill | Euler 1 |' in text
+  assert '| one shape | two shapes |' in text
   assert f"Measured on {metrics['machine']}." in text
 
 
@@ -80,10 +82,19 @@ def test_perfect_reading_scores_one_and_a_wrong_colour_is_counted():
   assert se.attribute_accuracy(cells, labels_of_scenes([ONE, TWO])) == {
       k: 1.0 for k in se.ACCURACY_KEYS}
   assert se.prompt_fidelity([ONE, TWO], cells) == {
-      'fidelity': 1.0, **{f'fidelity_{a}': 1.0 for a in se.FIDELITY_ATTRIBUTES}}
+      'fidelity': 1.0, **{f'fidelity_{a}': 1.0 for a in se.FIDELITY_ATTRIBUTES},
+      'fidelity_one_shape': 1.0, 'fidelity_two_shapes': 1.0}
   cells['colour'][1, 5] = shapes.COLOURS.index('red')
   assert se.attribute_accuracy(cells, labels_of_scenes([ONE, TWO]))['colour'] == 2 / 3
-  assert se.prompt_fidelity([ONE, TWO], cells)['fidelity'] == 0.5
+  fidelity = se.prompt_fidelity([ONE, TWO], cells)
+  assert (fidelity['fidelity'], fidelity['fidelity_one_shape'],
+          fidelity['fidelity_two_shapes']) == (0.5, 1.0, 0.0)
+
+
+def test_fidelity_by_count_only_for_the_counts_the_prompts_have():
+  cells = se.cell_targets(labels_of_scenes([ONE, ONE]))
+  fidelity = se.prompt_fidelity([ONE, ONE], cells)
+  assert fidelity['fidelity_one_shape'] == 1.0 and 'fidelity_two_shapes' not in fidelity
 
 
 def test_two_shapes_match_in_any_cells_that_keep_the_relation():

@@ -105,12 +105,13 @@ def markdown(eval_config, metrics: dict) -> str:
   if prompt_key == 'fidelity':
     lines[-1] += (' Fidelity: the fraction of images that show their prompt (real images: '
                   f'{real_prompt:.3f}); colour, shape, size, count, position: the fraction '
-                  'that show that attribute as the prompt says.')
+                  'that show that attribute as the prompt says; one shape, two shapes: '
+                  'fidelity among the prompts that name one shape, two shapes.')
   elif prompt_key == 'clip_score' and real_prompt is not None:
     lines[-1] += f' CLIP score of real images: {real_prompt:.2f}.'
   prompt_keys = _prompt_columns(prompt_key, first)
   header = ['model', 'solver', 'NFE'] + (['FD'] if fd else []) + [
-      key.replace('fidelity_', '') for key in prompt_keys] + [
+      _prompt_column_label(key) for key in prompt_keys] + [
           'straightness', 's / image', 'compile s']
   lines += ['', '| ' + ' | '.join(header) + ' |', '|---|---|' + '---:|' * (len(header) - 2)]
   for model, results in metrics['models'].items():
@@ -138,6 +139,13 @@ def _prompt_columns(prompt_key, measured: dict) -> list:
   if prompt_key is None:
     return []
   return [prompt_key] + [k for k in measured if k.startswith(prompt_key + '_')]
+
+
+def _prompt_column_label(key: str) -> str:
+  """fidelity_two_shapes -> 'two shapes'; fidelity and clip_score as they are."""
+  if key.startswith('fidelity_'):
+    return key[len('fidelity_'):].replace('_', ' ')
+  return key
 
 
 def _about_prompts_and_fd(metrics: dict) -> str:

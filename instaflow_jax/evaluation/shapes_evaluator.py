@@ -247,12 +247,22 @@ def _position_matches(scene: shapes.Scene, seen: Mapping[int, tuple], wanted: li
              for (first, second), score in orders.items() if score == best)
 
 
+# Fidelity is also reported among the prompts that name one shape and among those that
+# name two, which are far harder (a relation, and two attributes to bind to each shape).
+FIDELITY_BY_COUNT = {1: 'one_shape', 2: 'two_shapes'}
+
+
 def prompt_fidelity(scenes: Sequence[shapes.Scene], cells: dict) -> dict:
-  """The fraction of images that show their prompt (`fidelity`), and of those that show
-  each attribute of FIDELITY_ATTRIBUTES as it says (`fidelity_<attribute>`)."""
+  """The fraction of images that show their prompt (`fidelity`), of those that show each
+  attribute of FIDELITY_ATTRIBUTES as it says (`fidelity_<attribute>`), and `fidelity`
+  among the prompts of each count of FIDELITY_BY_COUNT that occurs (`fidelity_one_shape`,
+  `fidelity_two_shapes`)."""
   seen = [scene_of_cells(cells, i) for i in range(len(scenes))]
-  matched = [matches_prompt(scene, s) for scene, s in zip(scenes, seen)]
+  matched = np.array([matches_prompt(scene, s) for scene, s in zip(scenes, seen)])
   per_attribute = [attribute_matches(scene, s) for scene, s in zip(scenes, seen)]
+  counts = np.array([len(scene.shapes) for scene in scenes])
   return {'fidelity': float(np.mean(matched)),
           **{f'fidelity_{name}': float(np.mean([m[name] for m in per_attribute]))
-             for name in FIDELITY_ATTRIBUTES}}
+             for name in FIDELITY_ATTRIBUTES},
+          **{f'fidelity_{name}': float(np.mean(matched[counts == count]))
+             for count, name in FIDELITY_BY_COUNT.items() if np.any(counts == count)}}

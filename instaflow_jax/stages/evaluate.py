@@ -9,7 +9,8 @@ held-out split from fixed noise, and measured against the real held-out images:
 - fd: the Frechet distance between generated and real images in the evaluator's
   feature space (the floor: real held-out vs real training images);
 - fidelity: the fraction of images that show what their prompt says, as the evaluator
-  reads them (captioned shapes only);
+  reads them, with each attribute's own fraction and the fraction among the prompts that
+  name one shape and among those that name two (captioned shapes only);
 - straightness of the Euler trajectories, the mean NFE of Dopri5, and the wall time per
   image (compilation excluded and reported apart);
 - the machine (formulations.description(): the backend, its device or CPU model, and on a
