@@ -16,8 +16,8 @@ from instaflow_jax.stages import evaluate
 from tests import tiny_models
 
 MEASURES = ('fd', 'fidelity', *(f'fidelity_{a}' for a in se.FIDELITY_ATTRIBUTES),
-            'fidelity_one_shape', 'fidelity_two_shapes', 'nfe', 'seconds_per_image',
-            'compile_seconds')
+            *(f'fidelity_{kind}' for kind in se.FIDELITY_BY_COUNT.values()), 'nfe',
+            'seconds_per_image', 'compile_seconds')
 
 
 def test_quick_chain_report_has_every_number_finite(quick_chain):

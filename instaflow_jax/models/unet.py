@@ -92,7 +92,7 @@ class UNetConfig:
   upcast_attention: bool = False
   resnet_time_scale_shift: str = 'default'
   # 'text': the text encoder states, attention-pooled, join the timestep embedding, so
-  # every resnet reads the caption (diffusers' TextTimeEmbedding, as in Kandinsky and IF).
+  # every resnet reads the caption (diffusers' TextTimeEmbedding, as DeepFloyd IF's U-Nets use it).
   addition_embed_type: Optional[str] = None
   addition_embed_type_num_heads: int = 64
 
