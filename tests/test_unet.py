@@ -35,8 +35,9 @@ CASES = {
                  use_linear_projection=True, transformer_layers_per_block=2, upcast_attention=True,
                  norm_num_groups=8), (8, 8), TIMESTEPS),
     # Every other knob off its default (the caption pooled into the timestep embedding too, by
-    # two heads of 12: a head dim the C++ attention kernel takes, where it runs); a 10-row sample down-samples (padding 0) to 5 then 2
-    # rows, so diffusers up-samples 2 -> 5 rows to an explicit size. A scalar timestep.
+    # two heads of 12: a head dim the C++ attention kernel takes, where it runs); a 10-row
+    # sample down-samples (padding 0) to 5 then 2 rows, so diffusers up-samples 2 -> 5 rows to
+    # an explicit size. A scalar timestep.
     'odd': (dict(in_channels=3, out_channels=5, block_out_channels=(32, 48, 64),
                  down_block_types=(_DOWN, _CA_DOWN, _CA_DOWN), up_block_types=(_CA_UP, _CA_UP, _UP),
                  layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
