@@ -159,7 +159,8 @@ def test_num_attention_heads_exports_as_diffusers_reads_it():
 
 
 @pytest.mark.parametrize('key,value', [
-    ('class_embed_type', 'timestep'), ('num_class_embeds', 10), ('addition_embed_type', 'text_time'),
+    ('class_embed_type', 'timestep'), ('num_class_embeds', 10),
+    ('addition_embed_type', 'text_time'),
     ('encoder_hid_dim', 768), ('time_embedding_type', 'fourier'), ('time_cond_proj_dim', 256),
     ('dual_cross_attention', True), ('only_cross_attention', True),
     ('resnet_time_scale_shift', 'scale_shift'), ('mid_block_type', 'UNetMidBlock2DSimpleCrossAttn'),
