@@ -24,8 +24,8 @@
 # a rectified flow (stage `rf`), (noise, image) pairs from its ODE (`pairs`), the
 # 2-rectified flow trained on those pairs (`reflow`), a one-step student distilled from it
 # (`distill`), and an evaluation of all of them (`eval`). The embedded default needs no
-# download: captioned coloured shapes generated locally, a small frozen CLIP text encoder
-# with random weights, and pixel space instead of a VAE. `configs/shapes.py:quick` runs
+# download: captioned coloured shapes generated locally, a small CLIP text encoder that
+# stage `rf` trains from random weights, and pixel space instead of a VAE. `configs/shapes.py:quick` runs
 # every stage, shrunk, in minutes on a CPU runtime; `configs/shapes.py` trains for real
 # (see the README for times).
 #

@@ -64,9 +64,31 @@ def _check_training(config, stage: str) -> None:
     raise ValueError(f'{_field(stage, "encoded")} = {section.encoded!r} and '
                      f'{_field(stage, "pairs")} = {section.pairs!r}: a stage trains on encoded '
                      'data or on pairs, not both; set one of them to \'\'')
+  if section.get('train_text_encoder'):
+    _check_text_encoder_training(config, stage)
   if section.batch_size % section.grad_accum_steps:
     raise ValueError(f'{_field(stage, "batch_size")} = {section.batch_size} is not divisible by '
                      f'{_field(stage, "grad_accum_steps")} = {section.grad_accum_steps}')
+
+
+def _check_text_encoder_training(config, stage: str) -> None:
+  """The text encoder trains with the U-Net only in the stage that starts the chain (kind
+  'rf') of the embedded model, on captions: every later stage reads what it trained."""
+  field = _field(stage, 'train_text_encoder')
+  if config.model.source != 'embedded':
+    raise ValueError(f"{field} = True: only the embedded model's text encoder trains "
+                     "(model.source='embedded'); a diffusers model's stays as its folder has "
+                     'it: set it to False')
+  if stage_kind(config, stage) != 'rf':
+    raise ValueError(f"{field} = True: only a stage of kind 'rf' trains the text encoder (the "
+                     'stages after it read the one it trained): set it to False')
+  if stage in config.model.get('lora', {}).get('stages', ()):
+    raise ValueError(f'{field} = True and config.model.lora.stages names {stage!r}: a LoRA '
+                     'stage trains its LoRA alone; set one of them off')
+  if config[stage].get('encoded'):
+    raise ValueError(f'{field} = True and {_field(stage, "encoded")} = '
+                     f'{config[stage].encoded!r}: the encode stage stored the text states of '
+                     "the untrained encoder; set encoded to ''")
 
 
 def _check_eval_steps(config) -> None:

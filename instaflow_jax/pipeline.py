@@ -129,8 +129,8 @@ class Pipeline:
 
     source='diffusers': everything from the folder `diffusers_path`.
     source='embedded': the text side that the run in `workdir` stored (a word tokenizer
-    and a small CLIP text encoder with random weights, frozen, never trained; see
-    load_text_side), pixel space (identity autoencoder), and a freshly initialised U-Net
+    and a small CLIP text encoder, random or as its stage rf trained it; see
+    text_side.py), pixel space (identity autoencoder), and a freshly initialised U-Net
     from `config.unet`.
     In both cases the U-Net computes in `compute_dtype`, with float32 params.
     unet_kind='stacked' makes it two such U-Nets in series (InstaFlow-1.7B, with the

@@ -1,11 +1,13 @@
-"""The embedded model's text side: a word tokenizer and a frozen CLIP text encoder.
+"""The embedded model's text side: a word tokenizer and a small CLIP text encoder.
 
 The embedded model has no pretrained text encoder: its tokenizer knows the words of the
-training captions (or of model.vocabulary) and its text encoder has random weights from
-model.text_seed, frozen, never trained. Both are made once per run and stored in
-WORKDIR/text (store_text_side); every stage, generate and eval read them from there
-(load_text_side), so that later changes to the data, the config or this code's defaults
-cannot change what a run's model reads.
+training captions (or of model.vocabulary) and its text encoder starts from random weights
+from model.text_seed. Both are made once per run and stored in WORKDIR/text
+(store_text_side); every stage, generate and eval read them from there (load_text_side),
+so that later changes to the data, the config or this code's defaults cannot change what
+a run's model reads. Where stage rf trains the text encoder with the U-Net
+(rf.train_text_encoder), it then stores the trained weights there (store_trained_encoder),
+frozen for every later stage; otherwise the random encoder stays, never trained.
 """
 import dataclasses
 import os
@@ -58,6 +60,18 @@ def store_text_side(config: ml_collections.ConfigDict, workdir: str) -> bool:
                  '%s', len(text.tokenizer.words), config.model.text_seed, path)
   parallel.sync('text side: stored')
   return True
+
+
+def store_trained_encoder(workdir: str, encoder: CLIPTextModel, params) -> None:
+  """Replaces the stored text encoder's weights by those stage rf trained with the U-Net
+  (rf.train_text_encoder), which every later stage, generate and eval then read. The
+  weights file is replaced by a rename: a crash leaves the old or the new one whole."""
+  if jax.process_index() == 0:
+    diffusers_io.save_component(os.path.join(workdir, workdir_lib.TEXT_DIR), 'text_encoder',
+                                encoder.config, params)
+    logging.info('text side: the trained text encoder stored in %s',
+                 os.path.join(workdir, workdir_lib.TEXT_DIR))
+  parallel.sync('text side: trained encoder stored')
 
 
 def remove_text_side(workdir: str) -> None:

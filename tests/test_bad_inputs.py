@@ -272,3 +272,34 @@ def test_data_fields_are_checked_and_named(fields, message):
     config[section][name] = value
   with pytest.raises(ValueError, match=message):
     config_checks.check_config(config)
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'model.source': 'diffusers'}, r"^config.rf.train_text_encoder = True: only the embedded "
+                                    r"model's text encoder trains"),
+    ({'model.lora.stages': ('rf',)}, r"^config.rf.train_text_encoder = True and "
+                                     r"config.model.lora.stages names 'rf': a LoRA stage trains "
+                                     r'its LoRA alone'),
+    ({'rf.encoded': 'encode'}, r"^config.rf.train_text_encoder = True and config.rf.encoded = "
+                               r"'encode': the encode stage stored the text states of the "
+                               r'untrained encoder'),
+    ({'rf_copy.kind': 'reflow'}, r"^config.rf_copy.train_text_encoder = True: only a stage of "
+                                 r"kind 'rf' trains the text encoder"),
+])
+def test_text_encoder_training_is_refused_where_it_cannot_be_read(fields, message):
+  """Only the embedded model's stage rf trains its text encoder, on its captions (rf_copy:
+  a second training stage made from rf's section)."""
+  config = shapes.get_config('quick')
+  config.rf.train_text_encoder = True
+  with config.unlocked():
+    config.rf_copy = config.rf.copy_and_resolve_references()
+  config.stages = ('rf_copy',) if 'rf_copy.kind' in fields else ('rf',)
+  for field, value in fields.items():
+    *path, name = field.split('.')
+    section = config
+    for part in path:
+      section = section[part]
+    section[name] = value
+  config_checks.check_config(shapes.get_config('quick'))  # off by default
+  with pytest.raises(ValueError, match=message):
+    config_checks.check_config(config)

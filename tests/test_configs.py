@@ -59,6 +59,9 @@ def test_long_shapes_trains_longer_on_more_pairs_as_measured_and_changes_nothing
   assert (long.model.unet.transformer_layers_per_block,
           default.model.unet.transformer_layers_per_block) == (1, 2)
   long.model.unet.transformer_layers_per_block = 2
+  # And with the random text encoder, which the default's trains in stage rf.
+  assert (long.rf.train_text_encoder, default.rf.train_text_encoder) == (False, True)
+  long.rf.train_text_encoder = True
   # Its eval keeps Dopri5, which the default leaves out.
   assert (long.eval.dopri5, default.eval.dopri5) == (('rf', 'reflow'), ())
   long.eval.dopri5 = ()
@@ -72,10 +75,10 @@ def test_unknown_shapes_variant_is_named():
 
 
 # What an SD config leaves out of a section of configs/shapes.py, and what only it has. The
-# embedded model's word tokenizer; the stacked student's settings (model.unet_kind defaults
+# embedded model's word tokenizer and the training of its text encoder; the stacked student's settings (model.unet_kind defaults
 # to one U-Net); the captioned-shapes evaluator's classifier against the photographs'
 # Inception and CLIP files and the diffusers folders compared as models.
-_SD_MAY_OMIT = {'model': {'vocabulary', 'unet_kind', 'stacked'},
+_SD_MAY_OMIT = {'model': {'vocabulary', 'unet_kind', 'stacked'}, 'rf': {'train_text_encoder'},
                 'eval': {'evaluator_examples', 'evaluator_steps'}}
 _SD_ONLY = {'eval': {'inception_path', 'clip_path', 'paths'}}
 # Sections whose keys name models, or override the fields of a diffusers folder's configs.

@@ -1,5 +1,6 @@
 """The embedded model's text side: made from the training captions (or a vocabulary file),
-stored once in WORKDIR/text, and what every later use of the run reads."""
+stored once in WORKDIR/text (its encoder replaced by the trained one where stage rf trains
+it), and what every later use of the run reads."""
 import json
 import logging
 import os
@@ -55,13 +56,15 @@ class TextSideDigits(tfds.core.GeneratorBasedBuilder):
 
 
 def digits_config(data_dir: str):
-  """configs/shapes.py:quick on TextSideDigits: stage rf only, two steps of batch 2."""
+  """configs/shapes.py:quick on TextSideDigits: stage rf only, two steps of batch 2, with
+  the text encoder left as made (untrained)."""
   config = shapes_config.get_config('quick')
   config.stages = ('rf',)
   config.data.update(dict(name='text_side_digits', data_dir=data_dir, train_split='train',
                           eval_split='validation', image_size=16))
   config.rf.update(dict(steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_every=2,
-                        num_samples=2, sample_steps=2, sample_guidance=3.0))
+                        num_samples=2, sample_steps=2, sample_guidance=3.0,
+                        train_text_encoder=False))
   return config
 
 
@@ -121,6 +124,69 @@ def test_generate_reproduces_the_training_pipelines_images(run):
       seed=config.seed, batch_size=len(prompts))
   assert generated.std() > 0.01, 'flat images would prove nothing'
   np.testing.assert_array_equal(generated, trained)  # tolerance 0
+
+
+@pytest.fixture(scope='module')
+def trained_encoder_run(tmp_path_factory):
+  """(config, workdir, the Pipeline that stage rf built) of a run on TextSideDigits whose
+  stage rf trains the text encoder too: four steps, checkpoints at 2 and 4, at a learning
+  rate and without an EMA that move the encoder enough to change the images."""
+  config = digits_config(str(tmp_path_factory.mktemp('tensorflow_datasets')))
+  config.rf.update(dict(train_text_encoder=True, steps=4, checkpoint_every=2, sample_every=4,
+                        ema_decay=0.0))
+  config.rf.optimizer.update(dict(lr=1e-2, warmup_steps=0))
+  workdir = str(tmp_path_factory.mktemp('trained_encoder_run'))
+  stages.run_all(config, workdir)
+  return config, workdir, pipeline_lib.Pipeline.for_training(config.model, config.seed, workdir)
+
+
+def _final_unet(workdir, unet_params):
+  return checkpoint.load_params(os.path.join(workdir, 'rf', workdir_lib.FINAL_PARAMS),
+                                checkpoint.abstract_like(unet_params))
+
+
+def test_a_trained_text_encoder_is_what_the_run_reads_afterwards(trained_encoder_run):
+  config, workdir, pipe = trained_encoder_run
+  stored = text_side.load_text_side(workdir, config.model)
+  untrained = abstract.init_params(stored.encoder, config.model.text_seed)
+  # The stored encoder is the trained one: the embeddings of the captions' words moved.
+  embeddings = lambda params: np.asarray(
+      params['text_model']['embeddings']['token_embedding']['embedding'])
+  words = [stored.tokenizer.vocab.index(word) for word in sorted(NEW_WORDS)]
+  assert np.all(np.any(embeddings(stored.params)[words] != embeddings(untrained)[words], axis=1))
+  # The stage's params are the U-Net's alone, and what generate reads, with the trained
+  # encoder, draws the stage's last sample grid (its fixed prompts and noise).
+  final = _final_unet(workdir, pipe.unet_params)
+  prompts = common.sample_prompts(config, config.rf.num_samples)
+  sample = common.make_sample_fn(pipe, prompts, config.rf, config.seed)
+  loaded = pipeline_lib.load_pipeline(pipeline_lib.find_model(workdir))
+  assert_trees_equal(loaded.text_encoder_params, stored.params)
+  generated, _ = generate.generate_images(
+      loaded, prompts, steps=config.rf.sample_steps, guidance=config.rf.sample_guidance,
+      seed=config.seed, batch_size=len(prompts))
+  np.testing.assert_array_equal(generated, sample(final, stored.params))  # tolerance 0
+  assert np.abs(generated - sample(final, untrained)).max() > 1e-3
+
+
+def test_a_killed_run_that_trains_the_text_encoder_resumes_exactly(trained_encoder_run,
+                                                                   tmp_path):
+  """Stage rf stopped after its checkpoint at step 2, before it stored the trained encoder,
+  ends where the run that did not stop ended."""
+  config, workdir, pipe = trained_encoder_run
+  copy = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, copy)
+  stage_dir = os.path.join(copy, 'rf')
+  os.remove(os.path.join(stage_dir, workdir_lib.DONE_FILE))
+  shutil.rmtree(os.path.join(stage_dir, workdir_lib.FINAL_PARAMS))
+  shutil.rmtree(os.path.join(stage_dir, workdir_lib.CHECKPOINTS, '4'))
+  encoder = text_side.load_text_side(copy, config.model).encoder
+  text_side.store_trained_encoder(copy, encoder,
+                                  abstract.init_params(encoder, config.model.text_seed))
+  stages.run_all(config, copy)
+  jax.tree.map(np.testing.assert_array_equal, _final_unet(copy, pipe.unet_params),
+               _final_unet(workdir, pipe.unet_params))
+  assert_trees_equal(text_side.load_text_side(copy, config.model).params,
+                     text_side.load_text_side(workdir, config.model).params)
 
 
 def test_changed_defaults_change_nothing_for_a_run(run, tmp_path, monkeypatch):

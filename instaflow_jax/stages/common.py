@@ -56,12 +56,16 @@ def check_prompts_files(config: ml_collections.ConfigDict) -> None:
 
 
 def make_sample_fn(pipe: pipeline_lib.Pipeline, prompts, train_config, seed: int) -> Callable:
-  """params -> images of the fixed prompts from fixed noise (for the periodic grid)."""
+  """(U-Net params[, text encoder params]) -> images of the fixed prompts from fixed noise
+  (for the periodic grid)."""
   size = pipe.default_size
   latents = pipe.initial_latents(len(prompts), size, size, seed)
 
-  def sample(params):
-    return dataclasses.replace(pipe, unet_params=params).generate(
+  def sample(unet_params, text_encoder_params=None):
+    sampled = dataclasses.replace(pipe, unet_params=unet_params)
+    if text_encoder_params is not None:
+      sampled = dataclasses.replace(sampled, text_encoder_params=text_encoder_params)
+    return sampled.generate(
         prompts, num_inference_steps=train_config.sample_steps,
         guidance_scale=train_config.sample_guidance, latents=latents)
 
@@ -93,7 +97,10 @@ def trained_part(config: ml_collections.ConfigDict, stage: str, pipe: pipeline_l
   """loop.train's init_params, frozen, loss_fn, sample_fn and param_axes for the U-Net
   that starts from `init_params`: the whole U-Net, or, when the stage trains a LoRA
   (model.lora.stages names it), a LoRA (replicated: it is small), with `init_params`
-  frozen as its base and merged with it inside the loss and the sampler."""
+  frozen as its base and merged with it inside the loss and the sampler; or the U-Net and
+  the text encoder (the stage's `train_text_encoder`: _with_text_encoder)."""
+  if config[stage].get('train_text_encoder'):
+    return _with_text_encoder(pipe, init_params, frozen, loss_fn, sample_fn)
   lora_config = trained_unet.stage_lora(config, stage)
   if lora_config is None:
     return dict(init_params=init_params, frozen=frozen, loss_fn=loss_fn, sample_fn=sample_fn,
@@ -106,6 +113,33 @@ def trained_part(config: ml_collections.ConfigDict, stage: str, pipe: pipeline_l
               frozen=dict(frozen, **{LORA_BASE: init_params}), loss_fn=lora_loss,
               sample_fn=lambda lora: sample_fn(trained_unet.merged(init_params, lora, lora_config)),
               param_axes=None)
+
+
+TRAINED_TEXT_ENCODER = 'text_encoder'  # its params beside the U-Net's where both train
+
+
+def _with_text_encoder(pipe: pipeline_lib.Pipeline, init_params, frozen: dict, loss_fn,
+                       sample_fn) -> dict:
+  """loop.train's arguments for the U-Net and the text encoder trained together (config
+  `train_text_encoder`): params {'unet', 'text_encoder'}; the loss encodes the captions,
+  and the empty prompt of caption dropout, with the text encoder being trained; the
+  stage's final params are the U-Net's (the text encoder's go to the run's text side)."""
+  null_ids = pipe.tokenize([''])
+
+  def loss_with_text_encoder(params, frozen, *rest):
+    text = {'text': params[TRAINED_TEXT_ENCODER]}
+    null_embeds = sampling.encode_text(pipe.modules, text, null_ids)
+    return loss_fn(params['unet'], dict(frozen, null_embeds=null_embeds, **text), *rest)
+
+  return dict(init_params={'unet': init_params, TRAINED_TEXT_ENCODER: pipe.text_encoder_params},
+              frozen={k: v for k, v in frozen.items() if k not in ('text', 'null_embeds')},
+              loss_fn=loss_with_text_encoder,
+              sample_fn=lambda params: sample_fn(params['unet'], params[TRAINED_TEXT_ENCODER]),
+              # The text encoder replicated: it is small, and process 0 writes it whole.
+              param_axes={'unet': parallel.logical_axes(pipe.unet),
+                          TRAINED_TEXT_ENCODER: jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
+                                                             pipe.text_encoder_params)},
+              stage_params=lambda params: params['unet'])
 
 
 def training_input(config: ml_collections.ConfigDict, stage_dir: str, pipe, train_config,

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from instaflow_jax import pipeline as pipeline_lib
+from instaflow_jax import text_side
 from instaflow_jax.stages import common
 from instaflow_jax.training import flow_loss
 from instaflow_jax.training import loop
@@ -23,10 +24,14 @@ def run_train_flow(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping
                                            f'{stage}.init')
   data = common.training_input(config, stage_dir, pipe, train_config)
   prompts = common.sample_prompts(config, train_config.num_samples)
-  loop.train(
+  params = loop.train(
       train_config, stage_dir, stage=stage, batches=data.batches, seed=config.seed,
       run_config=config, **common.trained_part(
           config, stage, pipe, init_params, common.frozen_params(pipe),
           flow_loss.flow_matching_loss(pipe.modules, train_config),
           common.make_sample_fn(pipe, prompts, train_config, config.seed)))
+  if train_config.get('train_text_encoder'):
+    # Before the stage is complete: a run killed in between redoes this on resuming.
+    text_side.store_trained_encoder(os.path.dirname(stage_dir), pipe.text_encoder,
+                                    params[common.TRAINED_TEXT_ENCODER])
   return {'steps': train_config.steps, 'examples_per_epoch': len(data)}

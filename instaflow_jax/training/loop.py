@@ -220,8 +220,10 @@ def _initial_state(checkpointer: checkpoint.Checkpointer, init_params, tx, shard
 def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init_params,
           frozen, loss_fn: LossFn, batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
           sample_fn: Optional[Callable[[Any], np.ndarray]] = None, seed: int = 0,
-          param_axes=None, run_config: Optional[ml_collections.ConfigDict] = None):
-  """Runs (or resumes) training; returns the final EMA params (also saved to disk).
+          param_axes=None, run_config: Optional[ml_collections.ConfigDict] = None,
+          stage_params: Callable[[Any], Any] = lambda params: params):
+  """Runs (or resumes) training; returns the final EMA params, of which
+  stage_params(params) are saved as the stage's final params (all of them by default).
 
   config: the stage's training section (steps, batch_size, optimizer, ema_decay,
     grad_accum_steps, log_every, checkpoint_every, keep_checkpoints, sample_every,
@@ -305,7 +307,8 @@ def train(config: ml_collections.ConfigDict, stage_dir: str, *, stage: str, init
     signal.signal(signal.SIGTERM, previous_handler)
     writer.flush()
     checkpointer.close()  # waits for a save in flight, so the last good checkpoint is whole
-  checkpoint.save_params(os.path.join(stage_dir, workdir_lib.FINAL_PARAMS), state.ema_params)
+  checkpoint.save_params(os.path.join(stage_dir, workdir_lib.FINAL_PARAMS),
+                         stage_params(state.ema_params))
   return state.ema_params
 
 
