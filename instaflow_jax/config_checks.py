@@ -88,7 +88,7 @@ def _check_text_encoder_training(config, stage: str) -> None:
   if config[stage].get('encoded'):
     raise ValueError(f'{field} = True and {_field(stage, "encoded")} = '
                      f'{config[stage].encoded!r}: the encode stage stored the text states of '
-                     "the untrained encoder; set encoded to ''")
+                     "the untrained encoder; set encoded to '' or train_text_encoder to False")
 
 
 def _check_eval_steps(config) -> None:

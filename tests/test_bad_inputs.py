@@ -137,7 +137,7 @@ CASES = [Case(*case) for case in [
      'error: config.data.image_size = 24 but the model makes 16x16 images'),
     ('resume with another model', interrupted_rf, ('rf',), [WIDER],
      'error: {workdir}/rf/checkpoints/30 does not fit the model config: parameter '
-     'down_blocks_1/attentions_0/norm/bias has shape (32,) in the checkpoint but (48,) in the '
+     'unet/down_blocks_1/attentions_0/norm/bias has shape (32,) in the checkpoint but (48,) in the '
      'model config'),
     ('teacher of another model', finished_rf, ('rf', 'pairs'), [WIDER],
      'error: pairs.teacher: checkpoint {workdir}/rf/params does not fit the model config: '
@@ -167,7 +167,8 @@ CASES = [Case(*case) for case in [
      'error: image folder {workdir}/data: 2 of 2 examples unusable, more than '
      'data.max_bad_fraction=0.01: 2 named in the metadata but missing (first: a.jpg); fix '
      'them or raise data.max_bad_fraction'),
-    ('training on data never encoded', nothing, ('rf',), ['--config.rf.encoded=encode'],
+    ('training on data never encoded', nothing, ('rf',),
+     ['--config.rf.encoded=encode', '--config.rf.train_text_encoder=False'],
      'error: no encode shards in {workdir}/encode (meta.json missing): run stage encode first'),
     ('empty prompts file', empty_prompts_file, ('pairs',),
      ['--config.data.prompts_file={workdir}/prompts.txt'],
@@ -282,7 +283,8 @@ def test_data_fields_are_checked_and_named(fields, message):
                                      r'its LoRA alone'),
     ({'rf.encoded': 'encode'}, r"^config.rf.train_text_encoder = True and config.rf.encoded = "
                                r"'encode': the encode stage stored the text states of the "
-                               r'untrained encoder'),
+                               r"untrained encoder; set encoded to '' or train_text_encoder to "
+                               r'False$'),
     ({'rf_copy.kind': 'reflow'}, r"^config.rf_copy.train_text_encoder = True: only a stage of "
                                  r"kind 'rf' trains the text encoder"),
 ])

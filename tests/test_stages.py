@@ -50,7 +50,8 @@ def _shards(workdir):
 
 def test_pairs_resume_after_sigkill_is_complete_and_identical(quick_chain, tfds_dir, tmp_path):
   workdir = str(tmp_path / 'killed')
-  shutil.copytree(os.path.join(quick_chain, 'rf'), os.path.join(workdir, 'rf'))
+  for name in ('text', 'rf'):  # the run's text side: the text encoder its stage rf trained
+    shutil.copytree(os.path.join(quick_chain, name), os.path.join(workdir, name))
   process = subprocess.Popen(runs.main_command(workdir, tfds_dir, stages=('pairs',)),
                              cwd=runs.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
