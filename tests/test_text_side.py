@@ -98,6 +98,11 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _final_unet(workdir, unet_params):
+  return checkpoint.load_params(os.path.join(workdir, 'rf', workdir_lib.FINAL_PARAMS),
+                                checkpoint.abstract_like(unet_params))
+
+
 def test_training_reads_the_captions_words_as_tokens(run):
   config, workdir, trained_with = run
   stored = stored_text_side(run)
@@ -114,8 +119,7 @@ def test_training_reads_the_captions_words_as_tokens(run):
 def test_generate_reproduces_the_training_pipelines_images(run):
   config, workdir, trained_with = run
   prompts = common.sample_prompts(config, config.rf.num_samples)
-  final = checkpoint.load_params(os.path.join(workdir, 'rf', workdir_lib.FINAL_PARAMS),
-                                 checkpoint.abstract_like(trained_with.unet_params))
+  final = _final_unet(workdir, trained_with.unet_params)
   # The stage's own sample grid function: its pipeline, prompts and noise.
   trained = common.make_sample_fn(trained_with, prompts, config.rf, config.seed)(final)
   pipe = pipeline_lib.load_pipeline(pipeline_lib.find_model(workdir))
@@ -138,11 +142,6 @@ def trained_encoder_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('trained_encoder_run'))
   stages.run_all(config, workdir)
   return config, workdir, pipeline_lib.Pipeline.for_training(config.model, config.seed, workdir)
-
-
-def _final_unet(workdir, unet_params):
-  return checkpoint.load_params(os.path.join(workdir, 'rf', workdir_lib.FINAL_PARAMS),
-                                checkpoint.abstract_like(unet_params))
 
 
 def test_a_trained_text_encoder_is_what_the_run_reads_afterwards(trained_encoder_run):
@@ -183,8 +182,7 @@ def test_a_killed_run_that_trains_the_text_encoder_resumes_exactly(trained_encod
   text_side.store_trained_encoder(copy, encoder,
                                   abstract.init_params(encoder, config.model.text_seed))
   stages.run_all(config, copy)
-  jax.tree.map(np.testing.assert_array_equal, _final_unet(copy, pipe.unet_params),
-               _final_unet(workdir, pipe.unet_params))
+  assert_trees_equal(_final_unet(copy, pipe.unet_params), _final_unet(workdir, pipe.unet_params))
   assert_trees_equal(text_side.load_text_side(copy, config.model).params,
                      text_side.load_text_side(workdir, config.model).params)
 
