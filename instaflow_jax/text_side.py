@@ -99,6 +99,10 @@ def load_text_side(workdir: str, model_config: ml_collections.ConfigDict) -> Tex
     raise ValueError("model.source='embedded': its text side is stored with its run; give "
                      'the workdir')
   path = os.path.join(workdir, workdir_lib.TEXT_DIR)
+  if not os.path.isdir(path) and _trained_text_encoder(workdir):
+    raise ValueError(f'{workdir} has no {workdir_lib.TEXT_DIR}/, which holds the text encoder '
+                     f'its stage rf trained: copy the run\'s {workdir_lib.TEXT_DIR}/ with its '
+                     'stages')
   if not os.path.isdir(path):
     logging.warning('%s has no %s/: a run from before text sides were stored; using the '
                     'captioned-shapes vocabulary and a text encoder from model.text_seed=%d, '
@@ -107,6 +111,18 @@ def load_text_side(workdir: str, model_config: ml_collections.ConfigDict) -> Tex
   _, encoder, params = diffusers_io.load_component(path, 'text_encoder')
   return TextSide(WordTokenizer.from_pretrained(os.path.join(path, 'tokenizer')), encoder,
                   params)
+
+
+def _trained_text_encoder(workdir: str) -> bool:
+  """Whether the run in `workdir` trains its text encoder, as the config.json that any of
+  its stages wrote says (a stage of config.stages with train_text_encoder)."""
+  def trains_it(run_config) -> bool:
+    return any(run_config.get(stage, {}).get('train_text_encoder', False)
+               for stage in run_config.get('stages', ()))
+
+  return os.path.isdir(workdir) and any(
+      trains_it(workdir_lib.read_stage_config(os.path.join(workdir, name)) or {})
+      for name in os.listdir(workdir))
 
 
 def make_text_side(config: ml_collections.ConfigDict) -> TextSide:

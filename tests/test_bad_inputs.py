@@ -36,18 +36,18 @@ def tree_digest(path: str) -> str:
   return digest.hexdigest()
 
 
+def finished_rf(quick_chain, workdir: str) -> str:
+  """WORKDIR/rf as the quick chain left it, with the run's text side (WORKDIR/text)."""
+  for name in ('text', 'rf'):
+    shutil.copytree(os.path.join(quick_chain, name), os.path.join(workdir, name))
+  return os.path.join(workdir, 'rf')
+
+
 def interrupted_rf(quick_chain, workdir: str) -> str:
   """WORKDIR/rf as a run killed after its last checkpoint leaves it."""
-  stage_dir = os.path.join(workdir, 'rf')
-  shutil.copytree(os.path.join(quick_chain, 'rf'), stage_dir)
+  stage_dir = finished_rf(quick_chain, workdir)
   os.remove(os.path.join(stage_dir, 'DONE'))
   shutil.rmtree(os.path.join(stage_dir, 'params'))
-  return stage_dir
-
-
-def finished_rf(quick_chain, workdir: str) -> str:
-  stage_dir = os.path.join(workdir, 'rf')
-  shutil.copytree(os.path.join(quick_chain, 'rf'), stage_dir)
   return stage_dir
 
 

@@ -74,7 +74,8 @@ def test_pairs_resume_after_sigkill_is_complete_and_identical(quick_chain, tfds_
 
 
 def test_pairs_from_another_teacher_shape_are_refused(quick_chain, tfds_dir, tmp_path):
-  shutil.copytree(os.path.join(quick_chain, 'pairs'), str(tmp_path / 'pairs'))
+  for name in ('text', 'pairs'):
+    shutil.copytree(os.path.join(quick_chain, name), str(tmp_path / name))
   config = quick_config(tfds_dir, 'reflow')
   config.model.unet.sample_size = config.data.image_size = 8
   config.reflow.init = ''
@@ -96,7 +97,8 @@ def test_distill_without_its_teacher_fails_before_compute(tfds_dir, tmp_path):
 
 
 def test_lpips_without_trunk_weights_fails_before_compute(quick_chain, tfds_dir, tmp_path):
-  shutil.copytree(os.path.join(quick_chain, 'reflow'), str(tmp_path / 'reflow'))
+  for name in ('text', 'reflow'):
+    shutil.copytree(os.path.join(quick_chain, name), str(tmp_path / name))
   config = quick_config(tfds_dir, 'distill')
   config.distill.loss = 'lpips'
   started = time.time()
@@ -138,8 +140,8 @@ def test_stacked_student_starts_from_the_2rf_and_is_distilled_by_it(quick_chain,
   """InstaFlow-1.7B's wiring: a stacked student, both halves copied from the single-U-Net
   2-RF, which stays the teacher."""
   workdir = str(tmp_path / 'stacked')
-  for stage in ('rf', 'reflow'):
-    shutil.copytree(os.path.join(quick_chain, stage), os.path.join(workdir, stage))
+  for name in ('text', 'rf', 'reflow'):
+    shutil.copytree(os.path.join(quick_chain, name), os.path.join(workdir, name))
   stacked = ('--config.model.unet_kind=stacked', '--config.model.stacked.keep_mid=False')
   result = runs.run_main(workdir, tfds_dir, *stacked, '--config.distill.steps=2',
                          stages=('distill',))

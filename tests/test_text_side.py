@@ -187,6 +187,16 @@ def test_a_killed_run_that_trains_the_text_encoder_resumes_exactly(trained_encod
                      text_side.load_text_side(workdir, config.model).params)
 
 
+def test_a_run_copied_without_its_trained_text_encoder_is_refused(trained_encoder_run,
+                                                                  tmp_path):
+  _, workdir, _ = trained_encoder_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(os.path.join(workdir, 'rf'), os.path.join(copy, 'rf'))
+  with pytest.raises(ValueError, match=rf"^{copy} has no text/, which holds the text encoder "
+                                       r"its stage rf trained: copy the run's text/"):
+    pipeline_lib.Pipeline.from_checkpoint(workdir_lib.find_trained_params(copy))
+
+
 def test_changed_defaults_change_nothing_for_a_run(run, tmp_path, monkeypatch):
   _, workdir, _ = run
   stored = stored_text_side(run)
