@@ -50,6 +50,19 @@ def test_quick_chain_report_has_every_number_finite(quick_chain):
   assert f"Measured on {metrics['machine']}." in text
 
 
+def test_the_report_names_only_the_prompt_counts_the_held_out_set_has():
+  measured = dict(nfe=1.0, fd=300.0, fidelity=0.5, fidelity_colour=0.75, fidelity_count=0.8,
+                  fidelity_one_shape=0.5, straightness=0.0, seconds_per_image=0.01,
+                  compile_seconds=1.0)
+  metrics = dict(num_prompts=4, fd_floor=400.0, machine='cpu (test)', real_fidelity=1.0,
+                 models={'distill': {'1': measured}}, straightness={'distill': 0.0})
+  text = report.markdown(shapes_config.get_config('quick').eval, metrics)
+  assert ('colour, count: the fraction that show that attribute as the prompt says; one '
+          'shape: fidelity among the prompts that name one shape.') in text
+  assert 'two shapes' not in text
+  assert '| fidelity | colour | count | one shape | straightness |' in text
+
+
 def test_the_plots_name_the_dopri5_star_only_where_a_model_has_one():
   euler = {'1': {'fd': 300.0}, '4': {'fd': 280.0}}
   assert report.plot_x_label('NFE', {'models': {'rf': euler, 'reflow': euler}}) == 'NFE'

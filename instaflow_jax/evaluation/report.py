@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from instaflow_jax import images as image_io
+from instaflow_jax.evaluation import shapes_evaluator
 
 METRICS_FILE = 'metrics.json'
 REPORT_FILE = 'report.md'
@@ -100,16 +101,13 @@ def markdown(eval_config, metrics: dict) -> str:
                  'clip_score': metrics.get('real_clip_score')}.get(prompt_key)
   fd = measures_fd(metrics)
   # The machine: seconds per image are its, and a model trained on another CPU differs.
+  prompt_keys = _prompt_columns(prompt_key, first)
   lines = ['# Evaluation', '',
            f"{_about_prompts_and_fd(metrics)} Measured on {metrics['machine']}."]
   if prompt_key == 'fidelity':
-    lines[-1] += (' Fidelity: the fraction of images that show their prompt (real images: '
-                  f'{real_prompt:.3f}); colour, shape, size, count, position: the fraction '
-                  'that show that attribute as the prompt says; one shape, two shapes: '
-                  'fidelity among the prompts that name one shape, two shapes.')
+    lines[-1] += ' ' + _about_fidelity(real_prompt, prompt_keys)
   elif prompt_key == 'clip_score' and real_prompt is not None:
     lines[-1] += f' CLIP score of real images: {real_prompt:.2f}.'
-  prompt_keys = _prompt_columns(prompt_key, first)
   header = ['model', 'solver', 'NFE'] + (['FD'] if fd else []) + [
       _prompt_column_label(key) for key in prompt_keys] + [
           'straightness', 's / image', 'compile s']
@@ -139,6 +137,22 @@ def _prompt_columns(prompt_key, measured: dict) -> list:
   if prompt_key is None:
     return []
   return [prompt_key] + [k for k in measured if k.startswith(prompt_key + '_')]
+
+
+def _about_fidelity(real_fidelity: float, prompt_keys: list) -> str:
+  """What the fidelity columns measure, naming the columns the table has: the prompts of
+  one count (one shape, two shapes) have a column only where the held-out set has some."""
+  by_count = [_prompt_column_label(f'fidelity_{name}')
+              for name in shapes_evaluator.FIDELITY_BY_COUNT.values()
+              if f'fidelity_{name}' in prompt_keys]
+  attributes = [label for label in map(_prompt_column_label, prompt_keys[1:])
+                if label not in by_count]
+  text = ('Fidelity: the fraction of images that show their prompt (real images: '
+          f"{real_fidelity:.3f}); {', '.join(attributes)}: the fraction that show that "
+          'attribute as the prompt says')
+  if by_count:
+    text += f"; {', '.join(by_count)}: fidelity among the prompts that name {', '.join(by_count)}"
+  return text + '.'
 
 
 def _prompt_column_label(key: str) -> str:
