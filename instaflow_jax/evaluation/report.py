@@ -100,8 +100,8 @@ def markdown(eval_config, metrics: dict) -> str:
   real_prompt = {'fidelity': metrics.get('real_fidelity'),
                  'clip_score': metrics.get('real_clip_score')}.get(prompt_key)
   fd = measures_fd(metrics)
-  # The machine: seconds per image are its, and a model trained on another CPU differs.
   prompt_keys = _prompt_columns(prompt_key, first)
+  # The machine: seconds per image are its, and a model trained on another CPU differs.
   lines = ['# Evaluation', '',
            f"{_about_prompts_and_fd(metrics)} Measured on {metrics['machine']}."]
   if prompt_key == 'fidelity':
