@@ -138,8 +138,9 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   # The text encoder trains with the U-Net (the run's stored one, WORKDIR/text, becomes the
   # trained one, frozen for every later stage), for a step about 1.04x slower: the teacher
   # then draws 0.91 of the colours and 0.93 of the counts right where the random encoder's
-  # drew 0.76 and 0.83 at seed 0, its positions worse (0.65 against 0.73;
-  # docs/shapes_ablation.md). :long's teacher was measured with the random encoder.
+  # drew 0.76 and 0.83 at seed 0 (at seed 1: 0.85 and 0.85 against 0.74 and 0.84), its
+  # positions worse (0.65 against 0.73), as it reads the relation of two shapes poorly
+  # (docs/shapes_ablation.md). :long's teacher was measured with the random encoder.
   c.rf.train_text_encoder = not long
   c.rf.sample_guidance = 2.0        # the grid with classifier-free guidance (trained with dropout)
 
