@@ -125,12 +125,14 @@ def teacher_solver(modules: sampling.PipelineModules, solver: sampling.AnySolver
   params replicated, the batch split over the batch axes."""
   def solve(params, token_ids, uncond_ids, x0, guidance):
     solution = sampling.sample_latents(modules, params, token_ids, uncond_ids, x0,
-                                           guidance, solver)
+                                       guidance, solver)
     return solution.x1, solution.nfe
 
   batch = layout.batch_sharding
-  return formulations.jit(solve, in_shardings=(layout.replicated, batch, batch, batch, layout.replicated),
-                 out_shardings=(batch, layout.replicated))
+  return formulations.jit(solve,
+                          in_shardings=(layout.replicated, batch, batch, batch,
+                                        layout.replicated),
+                          out_shardings=(batch, layout.replicated))
 
 
 def run_pairs(config: ml_collections.ConfigDict, stage_dir: str) -> Mapping[str, Any]:
